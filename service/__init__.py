@@ -1,0 +1,1 @@
+"""Driver side of Stalwart: config, Ray Train launch, checkpoint catalog and metrics."""

@@ -1,0 +1,98 @@
+"""The ``stalwart`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+from service.config import Config, ConfigError, load_config, redact_secrets
+
+logger = logging.getLogger("service.cli")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file; omitted sections take their defaults")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set optim.lr=3e-4 (repeatable; values are YAML scalars or lists)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant pretraining on Ray Train and FSDP2.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run or resume a training job")
+    _add_config_arguments(train)
+    train.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS; without one, a local cluster on 127.0.0.1 is started)",
+    )
+
+    prepare = commands.add_parser("prepare", help="tokenize the corpus into token shards in storage, then exit")
+    _add_config_arguments(prepare)
+
+    show = commands.add_parser("config", help="print the validated config as YAML")
+    _add_config_arguments(show)
+    show.add_argument("--defaults", action="store_true", help="print the default config and ignore --config/--set")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def command_train(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not args.address:
+        # Must be set before Ray is imported: it makes every embedded Ray process listen on 127.0.0.1 only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray.train import TrainingFailedError
+
+    from service.driver import run_training
+
+    try:
+        summary = run_training(config, address=args.address)
+    except TrainingFailedError as error:
+        logger.error("run %s failed after exhausting run.max_failures=%d: %s", config.run.name, config.run.max_failures, error)
+        return 1
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def command_prepare(args: argparse.Namespace) -> int:
+    from service.prepare import prepare_dataset
+    from service.storage import absolute_uri
+
+    config = _load(args)
+    print(prepare_dataset(config.data, absolute_uri(config.storage.uri), config.storage.options))
+    return 0
+
+
+def command_config(args: argparse.Namespace) -> int:
+    config = Config() if args.defaults else _load(args)
+    print(yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False), end="")
+    return 0
+
+
+COMMANDS = {"train": command_train, "prepare": command_prepare, "config": command_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as error:
+        print(f"stalwart: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Typed run configuration: one tree loaded from YAML plus dotted overrides.
+
+Every field is validated before any worker starts. Errors name the field, the
+value and the fix. The config is data: YAML is read with ``yaml.safe_load`` and
+no field is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.schedule import SCHEDULE_NAMES
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+DType = Literal["float32", "bfloat16", "float16"]
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration, raised before any worker starts."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("stalwart-demo", pattern=RUN_NAME_PATTERN, description="Run name; a run with committed checkpoints in storage resumes.")
+    seed: int = Field(1234, description="Seed for weight init, data order and per-rank RNG streams.")
+    max_failures: NonNegativeInt = Field(3, description="Worker-group restarts Ray Train allows before the run fails.")
+
+
+class StorageSection(Section):
+    uri: str = Field("./stalwart-runs", description="Root for datasets and runs: a local path or an fsspec URI such as s3://bucket/prefix.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, for example {endpoint_url: ..., client_kwargs: {region_name: ...}}. "
+        "Put credentials in the standard AWS environment variables, not here.",
+    )
+
+
+class ModelSection(Section):
+    n_layers: PositiveInt = 4
+    dim: PositiveInt = 256
+    n_heads: PositiveInt = 8
+    n_kv_heads: PositiveInt | None = Field(None, description="Key/value heads for grouped-query attention; None means n_heads.")
+    vocab_size: PositiveInt = Field(264, description="Embedding rows; at least the tokenizer's vocabulary size.")
+    seq_len: PositiveInt = Field(256, description="Tokens per training sequence.")
+    ffn_hidden: PositiveInt | None = Field(None, description="SwiGLU hidden width; None derives it the Llama way (8/3 x dim, rounded up to 64).")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelSection":
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; choose n_heads that divides dim")
+        head_dim = self.dim // self.n_heads
+        if head_dim % 2:
+            raise ValueError(f"model.dim / model.n_heads = {head_dim} is odd; RoPE needs an even head dimension")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={kv}; choose n_kv_heads that divides n_heads")
+        return self
+
+
+class DataSection(Section):
+    paths: list[str] | None = Field(
+        None,
+        description="Files or glob patterns (local or s3://) of .txt/.py/.md text, .jsonl (a 'text' field) or .parquet. "
+        "None uses the Python standard library's own .py sources.",
+    )
+    tokenizer: str = Field("byte", description="'byte' (byte-level, no download) or a path to a Hugging Face tokenizer.json.")
+    text_field: str = Field("text", description="Field holding the text in JSONL and Parquet records.")
+    max_files: PositiveInt | None = Field(None, description="Use at most this many input files (sorted by path); None uses all.")
+
+
+class TrainSection(Section):
+    steps: PositiveInt = Field(200, description="Optimizer steps in the run.")
+    global_batch: PositiveInt = Field(16, description="Sequences per optimizer step across all ranks.")
+    micro_batch: PositiveInt = Field(4, description="Sequences per rank per forward/backward pass.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None disables clipping.")
+    log_every: PositiveInt = Field(10, description="Steps between progress lines, metric updates and Ray Train reports.")
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}; the usual values are [0.9, 0.95]")
+        return betas
+
+
+class ScheduleSection(Section):
+    name: str = Field("cosine", description=f"One of {', '.join(SCHEDULE_NAMES)}.")
+    warmup_steps: NonNegativeInt = 20
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of optim.lr.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if name not in SCHEDULE_NAMES:
+            raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULE_NAMES)}")
+        return name
+
+
+class ParallelSection(Section):
+    strategy: Literal["fsdp"] = Field("fsdp", description="FSDP2 full shard: parameters, gradients and optimizer state sharded.")
+    param_dtype: DType = Field("float32", description="Dtype of parameters during forward and backward.")
+    reduce_dtype: DType = Field("float32", description="Dtype of the gradient reduce-scatter.")
+
+
+class ScalingSection(Section):
+    num_workers: PositiveInt = Field(2, description="Training workers (ranks).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class CheckpointSection(Section):
+    every_steps: PositiveInt | None = Field(50, description="Save after every N optimizer steps; None saves only at the end.")
+    keep_last: PositiveInt | None = Field(3, description="Committed checkpoints to keep; None keeps all.")
+    save_final: bool = Field(True, description="Save after the last step.")
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address the Prometheus endpoint listens on.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(9464, description="Port of the Prometheus endpoint; 0 picks a free one.")
+
+
+class KillFault(Section):
+    kind: Literal["kill"] = "kill"
+    rank: NonNegativeInt
+    step: PositiveInt
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    faults: list[KillFault] = Field(default_factory=list, description="Faults to inject, each fired once per run.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "Config":
+        world_size = self.scaling.num_workers
+        per_step = self.train.micro_batch * world_size
+        if self.train.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by "
+                f"train.micro_batch x scaling.num_workers = {self.train.micro_batch} x {world_size} = {per_step}; "
+                f"set train.global_batch to a multiple of {per_step} or change train.micro_batch"
+            )
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.steps={self.train.steps}; "
+                "lower schedule.warmup_steps"
+            )
+        for fault in self.faults:
+            if fault.rank >= world_size:
+                raise ValueError(
+                    f"faults: rank={fault.rank} does not exist with scaling.num_workers={world_size}; "
+                    f"use a rank below {world_size}"
+                )
+        if self.scaling.use_gpu and self.parallel.param_dtype == "float16":
+            raise ValueError("parallel.param_dtype='float16' needs a gradient scaler, which is not supported yet; use 'bfloat16'")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.train.global_batch // (self.train.micro_batch * self.scaling.num_workers)
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in location:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<root>"
+
+
+def _fix_hint(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "remove it or check its spelling against `stalwart config --defaults`"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "give a value of the type shown in `stalwart config --defaults`"
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        return "choose a value inside the allowed range"
+    if kind == "literal_error":
+        return "use one of the values listed"
+    if kind == "string_pattern_mismatch":
+        return "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+    return "see the message for the allowed values"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """Render pydantic errors as one line per field: field, value, problem, fix."""
+    lines = ["invalid configuration:"]
+    for item in error.errors():
+        field = _format_location(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error":
+            # Our own validators already name the field, the value and the fix.
+            lines.append(f"  {field}: {message}")
+            continue
+        value = item.get("input")
+        lines.append(f"  {field}: {message} (got {value!r}); {_fix_hint(item)}")
+    return "\n".join(lines)
+
+
+def _parse_override_value(text: str) -> Any:
+    # YAML scalars give the expected types: 3e-4 -> float, true -> bool, null -> None, [1, 2] -> list.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to a raw config tree in place."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise ConfigError(f"invalid override {override!r}; write it as section.field=value, for example optim.lr=3e-4")
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"invalid override {override!r}: {part} is not a section; check the key against `stalwart config --defaults`")
+        node = child
+    node[parts[-1]] = _parse_override_value(raw_value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config from an optional YAML file plus ``key=value`` overrides, validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}; check the path") from error
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must contain a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for override in overrides:
+        apply_override(tree, override)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Validate a raw config tree; raise ``ConfigError`` naming every invalid field."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|key$|^key", re.IGNORECASE)
+
+
+def redact_secrets(value: Any) -> Any:
+    """Return a copy of a config tree with credential-like values replaced, for logs and saved configs."""
+    if isinstance(value, dict):
+        return {
+            key: "<redacted>" if SECRET_KEY_PATTERN.search(str(key)) and item not in (None, "") else redact_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(item) for item in value]
+    return value

@@ -1,0 +1,192 @@
+"""Driver: checks the config against the world, prepares data, launches Ray Train, prints a summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from service.catalog import list_checkpoints
+from service.config import Config, ConfigError, redact_secrets
+from service.metrics import MetricsActor, metrics_actor_name
+from service.prepare import prepare_dataset
+from service.storage import absolute_uri, filesystem, is_local, join, read_json
+from workers.reporting import final_losses, read_history
+from workers.train_loop import train_func
+
+logger = logging.getLogger(__name__)
+
+# Environment the driver passes to the training workers (Ray propagates RAY_TRAIN_* itself).
+WORKER_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                   "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+@dataclass
+class RunSummary:
+    run_name: str
+    run_uri: str
+    steps: int
+    tokens: int
+    wall_s: float
+    first_loss: float | None
+    last_loss: float | None
+    restarts: int
+    skipped_steps: int
+    committed_steps: list[int]
+
+    def lines(self) -> list[str]:
+        rate = self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+        loss = "n/a" if self.first_loss is None else f"{self.first_loss:.3f} -> {self.last_loss:.3f}"
+        committed = ", ".join(str(step) for step in self.committed_steps) or "none"
+        return [
+            f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f} s ({rate:,.0f} tokens/s)",
+            f"  loss {loss}; restarts {self.restarts}; skipped steps {self.skipped_steps}",
+            f"  committed checkpoints at steps: {committed}",
+            f"  storage: {self.run_uri}",
+        ]
+
+
+def run_uri_of(config: Config) -> str:
+    return join(absolute_uri(config.storage.uri), config.run.name)
+
+
+def check_against_dataset(config: Config, dataset_uri: str) -> None:
+    """Reject settings the prepared data cannot serve, before any worker starts."""
+    manifest = read_json(filesystem(dataset_uri, config.storage.options), join(dataset_uri, "manifest.json"))
+    if config.model.vocab_size < manifest["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary of "
+            f"{manifest['vocab_size']}; set model.vocab_size to at least {manifest['vocab_size']}"
+        )
+    if manifest["num_tokens"] < config.model.seq_len + 1:
+        raise ConfigError(
+            f"model.seq_len={config.model.seq_len} needs at least {config.model.seq_len + 1} tokens, but the data has "
+            f"{manifest['num_tokens']}; lower model.seq_len or add data"
+        )
+
+
+def check_against_cluster(config: Config, local_cluster: bool) -> None:
+    """On the embedded cluster, fail fast instead of waiting forever for CPUs that will never come."""
+    if not local_cluster:
+        return
+    available = ray.cluster_resources().get("CPU", 0)
+    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
+    if needed > available:
+        raise ConfigError(
+            f"scaling.num_workers x scaling.cpus_per_worker = {needed:g} CPUs, but the local Ray cluster has "
+            f"{available:g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+
+
+def ray_storage(config: Config) -> tuple[str, Any]:
+    """Return (storage_path, storage_filesystem) for Ray Train, sharing the run's fsspec settings."""
+    root = absolute_uri(config.storage.uri)
+    if is_local(root):
+        os.makedirs(root, exist_ok=True)
+        return root, None
+    import pyarrow.fs as pafs
+
+    fs = filesystem(root, config.storage.options)
+    return fs._strip_protocol(root), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def start_ray(address: str | None) -> bool:
+    """Connect to a cluster at ``address`` or start an embedded one bound to 127.0.0.1; return True when embedded."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    # NOTE: the loopback binding comes from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which
+    # the CLI sets before Ray is imported; ray.init cannot change it afterwards.
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    return True
+
+
+def start_metrics(config: Config) -> Any | None:
+    if not config.metrics.enabled:
+        return None
+    actor = MetricsActor.options(
+        name=metrics_actor_name(config.run.name),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote(config.run.name, config.metrics.host, config.metrics.port)
+    host, port = ray.get(actor.address.remote())
+    logger.info("metrics at http://%s:%d/metrics", host, port)
+    return actor
+
+
+def summarize(config: Config, run_uri: str, wall_s: float, restarts: int) -> RunSummary:
+    records = read_history(run_uri, config.storage.options)
+    losses = final_losses(records)
+    steps = sorted(losses)
+    latest_by_step = {record["step"]: record for record in records}
+    committed = [info.step for info in list_checkpoints(filesystem(run_uri, config.storage.options), run_uri) if info.usable]
+    return RunSummary(
+        run_name=config.run.name,
+        run_uri=run_uri,
+        steps=steps[-1] if steps else 0,
+        tokens=sum(record["tokens"] for record in latest_by_step.values()),
+        wall_s=wall_s,
+        first_loss=losses[steps[0]] if steps else None,
+        last_loss=losses[steps[-1]] if steps else None,
+        restarts=restarts,
+        skipped_steps=sum(record["skipped"] for record in latest_by_step.values()),
+        committed_steps=committed,
+    )
+
+
+def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_id: str | None) -> TorchTrainer:
+    storage_path, storage_filesystem = ray_storage(config)
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "saved_config": redact_secrets(config.model_dump(mode="json")),
+        "run_uri": run_uri,
+        "dataset_uri": dataset_uri,
+        "metrics_actor": metrics_actor_id,
+    }
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            # Stalwart keeps and prunes its own checkpoints; Ray must not delete any.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env={"env_vars": {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}},
+        ),
+    )
+
+
+def run_training(config: Config, address: str | None = None) -> RunSummary:
+    """Run (or resume) the job described by ``config`` to completion and return its summary."""
+    started = time.monotonic()
+    run_uri = run_uri_of(config)
+    dataset_uri = prepare_dataset(config.data, absolute_uri(config.storage.uri), config.storage.options)
+    check_against_dataset(config, dataset_uri)
+
+    local_cluster = start_ray(address)
+    check_against_cluster(config, local_cluster)
+    metrics_actor = start_metrics(config)
+    trainer = build_trainer(config, run_uri, dataset_uri, metrics_actor_name(config.run.name) if metrics_actor else None)
+    logger.info("run %s: %d workers, storage %s", config.run.name, config.scaling.num_workers, run_uri)
+    trainer.fit()
+
+    restarts = ray.get(metrics_actor.restarts.remote()) if metrics_actor is not None else 0
+    return summarize(config, run_uri, time.monotonic() - started, restarts)

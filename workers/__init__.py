@@ -1,0 +1,1 @@
+"""Per-rank side of Stalwart: model, parallelism, data, train step and checkpoint I/O."""

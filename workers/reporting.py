@@ -1,0 +1,107 @@
+"""Progress output of rank 0: a log line, the step history in storage, and metric updates.
+
+The history is one JSONL part per logging interval under
+``<run>/history/attempt-NNNN/``, so it survives the driver and works on object
+stores, which cannot append to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from service.storage import filesystem, join, write_bytes
+
+logger = logging.getLogger(__name__)
+
+HISTORY_DIR = "history"
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool
+    attempt: int
+    world_size: int
+    time: float
+
+
+def attempt_dir_name(attempt: int) -> str:
+    return f"attempt-{attempt:04d}"
+
+
+class ProgressReporter:
+    """Buffers step records on rank 0 and flushes them every logging interval."""
+
+    def __init__(self, *, run_name: str, run_uri: str, attempt: int, world_size: int,
+                 storage_options: dict[str, Any], metrics_actor: Any | None, total_steps: int):
+        self.run_name = run_name
+        self.attempt = attempt
+        self.world_size = world_size
+        self.total_steps = total_steps
+        self._history_uri = join(run_uri, HISTORY_DIR, attempt_dir_name(attempt))
+        self._fs = filesystem(run_uri, storage_options)
+        self._metrics_actor = metrics_actor
+        self._records: list[StepRecord] = []
+        self._interval_started = time.monotonic()
+
+    def add(self, record: StepRecord) -> None:
+        self._records.append(record)
+
+    def flush(self) -> None:
+        """Write the buffered steps, log one progress line and update the metrics."""
+        if not self._records:
+            return
+        records, self._records = self._records, []
+        elapsed_s = max(time.monotonic() - self._interval_started, 1e-9)
+        self._interval_started = time.monotonic()
+        last = records[-1]
+        tokens = sum(record.tokens for record in records)
+        skipped = sum(record.skipped for record in records)
+        tokens_per_second = tokens / elapsed_s
+
+        payload = "".join(json.dumps(asdict(record)) + "\n" for record in records).encode("utf-8")
+        write_bytes(self._fs, join(self._history_uri, f"steps-{last.step:09d}.jsonl"), payload)
+
+        logger.info(
+            "run=%s attempt=%d step=%d/%d loss=%.4f lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+            self.run_name, self.attempt, last.step, self.total_steps, last.loss, last.lr,
+            last.grad_norm, tokens_per_second, f" skipped={skipped}" if skipped else "",
+        )
+        if self._metrics_actor is not None:
+            self._metrics_actor.record_progress.remote(
+                {
+                    "step": last.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
+                    "tokens_per_second": tokens_per_second, "tokens": tokens, "skipped_steps": skipped,
+                }
+            )
+
+    def checkpoint_saved(self, step: int, save_seconds: float) -> None:
+        logger.info("run=%s attempt=%d step=%d checkpoint committed in %.2f s", self.run_name, self.attempt, step, save_seconds)
+        if self._metrics_actor is not None:
+            self._metrics_actor.record_checkpoint.remote(step, save_seconds)
+
+
+def read_history(run_uri: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Return every step record of a run, all attempts, ordered by (attempt, step)."""
+    fs = filesystem(run_uri, storage_options)
+    pattern = join(run_uri, HISTORY_DIR, "attempt-*", "steps-*.jsonl")
+    records: list[dict[str, Any]] = []
+    for path in sorted(fs.glob(pattern)):
+        for line in fs.cat_file(path).decode("utf-8").splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    records.sort(key=lambda record: (record["attempt"], record["step"]))
+    return records
+
+
+def final_losses(records: list[dict[str, Any]]) -> dict[int, float]:
+    """Return the loss of each step from the latest attempt that ran it (recomputed steps replace earlier ones)."""
+    return {record["step"]: record["loss"] for record in records}

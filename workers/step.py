@@ -1,0 +1,111 @@
+"""One optimizer step, as named phases: forward/backward, clip, non-finite check, optimizer step.
+
+The loss of every micro-batch is its summed token cross-entropy divided by the
+number of target tokens in the whole global batch (all micro-batches, all
+ranks). Gradients are summed over ranks, so splitting a batch differently
+gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+
+from workers.data import IGNORE_INDEX, MicroBatch
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss over the global batch
+    grad_norm: float  # global (unsharded) L2 norm before clipping
+    target_tokens: int  # target tokens in the global batch
+    skipped: bool  # True when a non-finite loss or grad norm skipped the optimizer step
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _set_gradient_sync(units: Sequence[FSDPModule], enabled: bool) -> None:
+    for unit in units:
+        unit.set_requires_gradient_sync(enabled)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    device: torch.device,
+    fsdp_units: Sequence[FSDPModule] = (),
+) -> tuple[torch.Tensor, int]:
+    """Accumulate gradients over this rank's micro-batches; return (global loss sum, global target tokens).
+
+    Gradient reduction across ranks runs only on the last micro-batch.
+    """
+    local_tokens = sum(batch.num_target_tokens for batch in micro_batches)
+    global_tokens = int(_all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=device)).item())
+    if global_tokens == 0:
+        raise ValueError("the global batch has no target tokens; check the data and model.seq_len")
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for index, batch in enumerate(micro_batches):
+        _set_gradient_sync(fsdp_units, index == len(micro_batches) - 1)
+        inputs = batch.inputs.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
+        logits = model(inputs)
+        token_loss_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        (token_loss_sum / global_tokens).backward()
+        loss_sum += token_loss_sum.detach()
+    return _all_reduce_sum(loss_sum), global_tokens
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip to ``max_norm`` (when set) and return the global gradient norm before clipping."""
+    parameters = [param for param in model.parameters() if param.grad is not None]
+    limit = max_norm if max_norm is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(parameters, limit, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    *,
+    lr: float,
+    grad_clip: float | None,
+    device: torch.device,
+    fsdp_units: Sequence[FSDPModule] = (),
+) -> StepResult:
+    """Run one optimizer step; skip the update on every rank if the loss or grad norm is not finite.
+
+    The loss and the grad norm are global values, so every rank takes the same decision.
+    A skipped step still consumes its batch and its place in the LR schedule.
+    """
+    loss_sum, global_tokens = forward_backward(model, micro_batches, device, fsdp_units)
+    grad_norm = clip_gradients(model, grad_clip)
+
+    loss = (loss_sum / global_tokens).item()
+    norm = grad_norm.item()
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if not skipped:
+        set_learning_rate(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, grad_norm=norm, target_tokens=global_tokens, skipped=skipped)
