@@ -72,10 +72,12 @@ def list_checkpoints(fs: fsspec.AbstractFileSystem, run_uri: str) -> list[Checkp
     for entry in entries:
         if entry.get("type") != "directory":
             continue
-        step = parse_step(entry["name"])
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        step = parse_step(name)
         if step is None:
             continue
-        uri = checkpoint_uri(run_uri, step)
+        # The folder's own name: parse_step also accepts unpadded names such as step-9000.
+        uri = join(root, name)
         # One listing per folder, instead of one exists() call per file.
         names = {item.rstrip("/").rsplit("/", 1)[-1] for item in fs.ls(uri, detail=False)}
         found.append(

@@ -1,8 +1,8 @@
 """Typed run configuration: one tree loaded from YAML plus dotted overrides.
 
 Every field is validated before any worker starts. Errors name the field, the
-value and the fix. The config is data: YAML is read with ``yaml.safe_load`` and
-no field is ever evaluated as code.
+value and the fix. The config is data: YAML is read with a ``yaml.SafeLoader``
+subclass and no field is ever evaluated as code.
 """
 
 from __future__ import annotations
@@ -233,10 +233,26 @@ def format_validation_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads floats without a dot, such as 3e-4, as YAML 1.2 does."""
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot, so it reads 3e-4 as the string "3e-4".
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)
+
+
 def _parse_override_value(text: str) -> Any:
     # YAML scalars give the expected types: 3e-4 -> float, true -> bool, null -> None, [1, 2] -> list.
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -265,7 +281,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as error:
             raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}; check the path") from error
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _load_yaml(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
@@ -284,7 +300,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
         raise ConfigError(format_validation_error(error)) from None
 
 
-SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|key$|^key", re.IGNORECASE)
+SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|key$|key_id$|^key", re.IGNORECASE)
 
 
 def redact_secrets(value: Any) -> Any:

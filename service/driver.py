@@ -174,8 +174,12 @@ def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_
     )
 
 
-def run_training(config: Config, address: str | None = None) -> RunSummary:
-    """Run (or resume) the job described by ``config`` to completion and return its summary."""
+def run_training(config: Config, address: str | None = None, metrics_actor: Any | None = None) -> RunSummary:
+    """Run (or resume) the job described by ``config`` to completion and return its summary.
+
+    The metrics actor is created here unless the caller passes one; a caller
+    that keeps the handle can scrape the final values after the run.
+    """
     started = time.monotonic()
     run_uri = run_uri_of(config)
     dataset_uri = prepare_dataset(config.data, absolute_uri(config.storage.uri), config.storage.options)
@@ -183,7 +187,8 @@ def run_training(config: Config, address: str | None = None) -> RunSummary:
 
     local_cluster = start_ray(address)
     check_against_cluster(config, local_cluster)
-    metrics_actor = start_metrics(config)
+    if metrics_actor is None:
+        metrics_actor = start_metrics(config)
     trainer = build_trainer(config, run_uri, dataset_uri, metrics_actor_name(config.run.name) if metrics_actor else None)
     logger.info("run %s: %d workers, storage %s", config.run.name, config.scaling.num_workers, run_uri)
     trainer.fit()

@@ -55,6 +55,11 @@ class RunMetrics:
         )
         self.last_committed_step = Gauge(LAST_COMMITTED_STEP, "Step of the newest committed checkpoint.", labels, registry=self.registry)
         self.world_size = Gauge(WORLD_SIZE, "Ranks in the current attempt.", labels, registry=self.registry)
+        # Create every labelled series now, so counters read 0 instead of being absent.
+        for family in (self.step, self.loss, self.learning_rate, self.grad_norm, self.tokens_per_second, self.tokens,
+                       self.skipped_steps, self.restarts, self.checkpoint_save_seconds, self.last_committed_step,
+                       self.world_size):
+            family.labels(run_name)
         self.restart_count = 0
         self._attempts_seen: set[int] = set()
 

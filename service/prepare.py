@@ -87,7 +87,12 @@ def read_documents(uri: str, text_field: str, storage_options: dict[str, Any]) -
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise ConfigError(f"{uri}:{line_number} is not valid JSON ({error}); write one JSON object per line") from error
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{uri}:{line_number} is a JSON {type(record).__name__}, not an object; write one JSON object per line")
                 if text_field not in record:
                     raise ConfigError(f"{uri}:{line_number} has no {text_field!r} field; set data.text_field to the field that holds the text")
                 yield str(record[text_field])
@@ -97,7 +102,14 @@ def read_documents(uri: str, text_field: str, storage_options: dict[str, Any]) -
         except ImportError as error:
             raise ConfigError(f"{uri} is Parquet, which needs pyarrow; install it with `pip install 'stalwart[data]'`") from error
         with fs.open(uri, "rb") as handle:
-            table = pq.read_table(handle, columns=[text_field])
+            parquet_file = pq.ParquetFile(handle)
+            columns = parquet_file.schema_arrow.names
+            if text_field not in columns:
+                raise ConfigError(
+                    f"{uri} has no {text_field!r} column (columns: {', '.join(columns)}); "
+                    "set data.text_field to the column that holds the text"
+                )
+            table = parquet_file.read(columns=[text_field])
         for value in table.column(text_field).to_pylist():
             if value is not None:
                 yield str(value)

@@ -34,6 +34,8 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 def constant(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Return the LR multiplier: linear warmup, then 1.0 to the end."""
     del total_steps, min_ratio
+    if step < 1:
+        raise ValueError(f"step must be at least 1, got {step}")
     if warmup_steps > 0 and step <= warmup_steps:
         return step / warmup_steps
     return 1.0
