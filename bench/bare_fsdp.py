@@ -58,9 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_for_world(args: argparse.Namespace, world_size: int) -> Config:
     """Load the config with scaling.num_workers set to the launcher's world size, so batch checks use it."""
     config = load_config(args.config, [*args.overrides, f"scaling.num_workers={world_size}"])
+    if config.parallel.param_dtype == "float16":
+        # train_step has no loss scaler; Stalwart's float16 path does, so the work would differ.
+        raise ConfigError("parallel.param_dtype='float16' is not supported by the bare loop; use 'bfloat16' or 'float32'")
     if config.scaling.use_gpu and not torch.cuda.is_available():
         raise ConfigError("scaling.use_gpu=true but torch.cuda.is_available() is False; set scaling.use_gpu=false")
     return config
+
+
+def learning_rate(config: Config, step: int) -> float:
+    """Return the LR of ``step`` from the same schedule call a Stalwart worker makes."""
+    schedule = config.schedule
+    return config.optim.lr * lr_multiplier(
+        schedule.name, step, warmup_steps=schedule.warmup_steps, total_steps=config.train.steps,
+        min_ratio=schedule.min_lr_ratio, decay_ratio=schedule.decay_ratio, decay_shape=schedule.decay_shape,
+    )
 
 
 def shared_dataset_uri(config: Config, world_rank: int) -> str:
@@ -141,13 +153,11 @@ def run(config: Config, warmup_steps: int, world_rank: int, world_size: int, dev
             dataset.micro_batch(chunk)
             for chunk in rank_micro_batches(indices, world_rank, world_size, config.train.micro_batch)
         ]
-        lr = config.optim.lr * lr_multiplier(
-            config.schedule.name, step, warmup_steps=config.schedule.warmup_steps,
-            total_steps=config.train.steps, min_ratio=config.schedule.min_lr_ratio,
-        )
+        lr = learning_rate(config, step)
         result = train_step(model, optimizer, micro_batches, lr=lr, grad_clip=config.train.grad_clip,
                             device=device, fsdp_units=fsdp_units)
-        # The step returns Python floats (it calls .item()), so the device is idle here and the clock is honest.
+        # train_step reads the loss back to the host before the optimizer step, so on a GPU that
+        # step may still run here. Stalwart's step history is timed the same way.
         step_s = time.perf_counter() - step_started
         if world_rank == 0:
             record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,

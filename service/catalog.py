@@ -64,8 +64,9 @@ def parse_step(name: str) -> int | None:
 def list_checkpoints(fs: fsspec.AbstractFileSystem, run_uri: str) -> list[CheckpointInfo]:
     """List the run's checkpoint folders, sorted by step number."""
     root = checkpoints_uri(run_uri)
+    # Other processes write checkpoints, so bypass the listing cache that s3fs keeps per filesystem instance.
     try:
-        entries = fs.ls(root, detail=True)
+        entries = fs.ls(root, detail=True, refresh=True)
     except FileNotFoundError:
         return []
     found: list[CheckpointInfo] = []
@@ -79,7 +80,7 @@ def list_checkpoints(fs: fsspec.AbstractFileSystem, run_uri: str) -> list[Checkp
         # The folder's own name: parse_step also accepts unpadded names such as step-9000.
         uri = join(root, name)
         # One listing per folder, instead of one exists() call per file.
-        names = {item.rstrip("/").rsplit("/", 1)[-1] for item in fs.ls(uri, detail=False)}
+        names = {item.rstrip("/").rsplit("/", 1)[-1] for item in fs.ls(uri, detail=False, refresh=True)}
         found.append(
             CheckpointInfo(
                 step=step,

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="tokenize the corpus into token shards in storage, then exit")
     _add_config_arguments(prepare)
 
+    report = commands.add_parser("report", help="print a run's summary and write a PNG of loss, LR and grad norm")
+    report.add_argument("run", help="run name (under storage.uri) or the run's full URI")
+    _add_config_arguments(report)
+    report.add_argument("--output", "-o", help="PNG path (default: <run name>-report.png in the current folder)")
+
     show = commands.add_parser("config", help="print the validated config as YAML")
     _add_config_arguments(show)
     show.add_argument("--defaults", action="store_true", help="print the default config and ignore --config/--set")
@@ -75,13 +80,29 @@ def command_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    from service.report import plot_run, summary_lines
+    from service.storage import absolute_uri, join
+
+    config = _load(args)
+    run_uri = args.run if "://" in args.run or args.run.startswith("/") else join(absolute_uri(config.storage.uri), args.run)
+    lines = summary_lines(run_uri, config.storage.options)
+    for line in lines:
+        print(line)
+    if lines and lines[0].startswith("no step history"):
+        return 1
+    output = args.output or f"{run_uri.rstrip('/').rsplit('/', 1)[-1]}-report.png"
+    print(f"plot written to {plot_run(run_uri, output, config.storage.options)}")
+    return 0
+
+
 def command_config(args: argparse.Namespace) -> int:
     config = Config() if args.defaults else _load(args)
     print(yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False), end="")
     return 0
 
 
-COMMANDS = {"train": command_train, "prepare": command_prepare, "config": command_config}
+COMMANDS = {"train": command_train, "prepare": command_prepare, "report": command_report, "config": command_config}
 
 
 def main(argv: list[str] | None = None) -> int:

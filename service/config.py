@@ -109,6 +109,8 @@ class ScheduleSection(Section):
     name: str = Field("cosine", description=f"One of {', '.join(SCHEDULE_NAMES)}.")
     warmup_steps: NonNegativeInt = 20
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of optim.lr.")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of train.steps spent in the final decay.")
+    decay_shape: Literal["cosine", "linear"] = Field("cosine", description="wsd only: shape of the final decay.")
 
     @field_validator("name")
     @classmethod
@@ -122,6 +124,8 @@ class ParallelSection(Section):
     strategy: Literal["fsdp"] = Field("fsdp", description="FSDP2 full shard: parameters, gradients and optimizer state sharded.")
     param_dtype: DType = Field("float32", description="Dtype of parameters during forward and backward.")
     reduce_dtype: DType = Field("float32", description="Dtype of the gradient reduce-scatter.")
+    init_loss_scale: float = Field(2.0**16, gt=0, description="float16 only: initial dynamic loss scale.")
+    loss_scale_growth_interval: PositiveInt = Field(1000, description="float16 only: overflow-free steps before the scale doubles.")
 
 
 class ScalingSection(Section):
@@ -142,10 +146,44 @@ class MetricsSection(Section):
     port: Annotated[int, Field(ge=0, le=65535)] = Field(9464, description="Port of the Prometheus endpoint; 0 picks a free one.")
 
 
+Policy = Literal["log", "skip", "rollback"]
+
+
+class DetectorSection(Section):
+    enabled: bool = True
+    threshold: float = Field(
+        gt=0,
+        description="loss_zscore: robust z-score against the rolling median and MAD; grad_norm_ratio: multiple of the "
+        "rolling median; loss_ratio: multiple of the rolling mean.",
+    )
+    policy: Policy = Field(description="log: record only; skip: skip the optimizer step; rollback: reload the last checkpoint before the spike and skip a window of batches.")
+
+
+class StabilitySection(Section):
+    window: PositiveInt = Field(50, description="Steps of rolling history each detector compares against; no decision before it is full.")
+    nonfinite_policy: Literal["skip", "rollback"] = Field("skip", description="Action on a non-finite loss or grad norm.")
+    loss_zscore: DetectorSection = Field(default_factory=lambda: DetectorSection(threshold=6.0, policy="rollback"))
+    # Gradient norms are heavy-tailed even in healthy runs (3x the median is common), so
+    # the grad-norm rule is a multiple of the median rather than a z-score.
+    grad_norm_ratio: DetectorSection = Field(default_factory=lambda: DetectorSection(threshold=10.0, policy="skip"))
+    loss_ratio: DetectorSection = Field(default_factory=lambda: DetectorSection(enabled=False, threshold=2.0, policy="log"))
+    rollback_skip_batches: PositiveInt = Field(100, description="Global batches skipped after a rollback, starting at the first batch after the checkpoint (always through the spike's batch).")
+    max_events: PositiveInt | None = Field(10, description="Abort the run when more events than this fall within event_window_steps; None never aborts.")
+    event_window_steps: PositiveInt = 1000
+
+
 class KillFault(Section):
     kind: Literal["kill"] = "kill"
     rank: NonNegativeInt
     step: PositiveInt
+
+
+class SpikeFault(Section):
+    """Multiply the loss (and so the gradients) of every rank by ``factor`` at ``step``."""
+
+    kind: Literal["spike"] = "spike"
+    step: PositiveInt
+    factor: float = Field(20.0, gt=0)
 
 
 class Config(Section):
@@ -160,7 +198,10 @@ class Config(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
-    faults: list[KillFault] = Field(default_factory=list, description="Faults to inject, each fired once per run.")
+    stability: StabilitySection = Field(default_factory=StabilitySection)
+    faults: list[Annotated[KillFault | SpikeFault, Field(discriminator="kind")]] = Field(
+        default_factory=list, description="Faults to inject, each fired once per run."
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "Config":
@@ -178,13 +219,16 @@ class Config(Section):
                 "lower schedule.warmup_steps"
             )
         for fault in self.faults:
-            if fault.rank >= world_size:
+            if isinstance(fault, KillFault) and fault.rank >= world_size:
                 raise ValueError(
                     f"faults: rank={fault.rank} does not exist with scaling.num_workers={world_size}; "
                     f"use a rank below {world_size}"
                 )
-        if self.scaling.use_gpu and self.parallel.param_dtype == "float16":
-            raise ValueError("parallel.param_dtype='float16' needs a gradient scaler, which is not supported yet; use 'bfloat16'")
+        if self.parallel.param_dtype == "float16" and self.parallel.reduce_dtype == "float16":
+            raise ValueError(
+                "parallel.reduce_dtype='float16' with param_dtype='float16' sums gradients over ranks in float16, "
+                "which overflows; set parallel.reduce_dtype to 'float32'"
+            )
         return self
 
     @property
@@ -213,6 +257,8 @@ def _fix_hint(error: dict[str, Any]) -> str:
         return "choose a value inside the allowed range"
     if kind == "literal_error":
         return "use one of the values listed"
+    if kind in {"union_tag_not_found", "union_tag_invalid"}:
+        return "give each fault a kind: 'kill' (with rank and step) or 'spike' (with step and factor)"
     if kind == "string_pattern_mismatch":
         return "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
     return "see the message for the allowed values"
@@ -226,7 +272,7 @@ def format_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "value_error":
             # Our own validators already name the field, the value and the fix.
-            lines.append(f"  {field}: {message}")
+            lines.append(f"  {message}" if not item["loc"] else f"  {field}: {message}")
             continue
         value = item.get("input")
         lines.append(f"  {field}: {message} (got {value!r}); {_fix_hint(item)}")

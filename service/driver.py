@@ -19,7 +19,7 @@ from service.metrics import MetricsActor, metrics_actor_name
 from service.prepare import prepare_dataset
 from service.storage import absolute_uri, filesystem, is_local, join, read_json
 from workers.reporting import final_losses, read_history
-from workers.train_loop import train_func
+from workers.train_loop import ABORT_FILE, train_func
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class RunSummary:
     restarts: int
     skipped_steps: int
     committed_steps: list[int]
+    events: list[dict[str, Any]]
 
     def lines(self) -> list[str]:
         rate = self.tokens / self.wall_s if self.wall_s > 0 else 0.0
@@ -49,6 +50,12 @@ class RunSummary:
             f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f} s ({rate:,.0f} tokens/s)",
             f"  loss {loss}; restarts {self.restarts}; skipped steps {self.skipped_steps}",
             f"  committed checkpoints at steps: {committed}",
+            f"  stability events: {len(self.events) or 'none'}",
+            *(
+                f"    step {event['step']}: {event['detector']} value={event['value']:.4g} "
+                f"threshold={event['threshold']:.4g} action={event['action']}"
+                for event in self.events[:20]
+            ),
             f"  storage: {self.run_uri}",
         ]
 
@@ -140,6 +147,7 @@ def summarize(config: Config, run_uri: str, wall_s: float, restarts: int) -> Run
         restarts=restarts,
         skipped_steps=sum(record["skipped"] for record in latest_by_step.values()),
         committed_steps=committed,
+        events=[event for record in records for event in record.get("events", [])],
     )
 
 
@@ -174,6 +182,18 @@ def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_
     )
 
 
+def check_not_aborted(config: Config, run_uri: str) -> None:
+    """Refuse to restart a run that the stability logic aborted, before any worker starts."""
+    fs = filesystem(run_uri, config.storage.options)
+    marker = join(run_uri, ABORT_FILE)
+    if fs.exists(marker):
+        reason = read_json(fs, marker).get("reason", "")
+        raise ConfigError(
+            f"run {config.run.name} was aborted: {reason}\nTo resume it anyway, delete {marker}; "
+            "to start over, choose another run.name"
+        )
+
+
 def run_training(config: Config, address: str | None = None, metrics_actor: Any | None = None) -> RunSummary:
     """Run (or resume) the job described by ``config`` to completion and return its summary.
 
@@ -182,6 +202,7 @@ def run_training(config: Config, address: str | None = None, metrics_actor: Any 
     """
     started = time.monotonic()
     run_uri = run_uri_of(config)
+    check_not_aborted(config, run_uri)
     dataset_uri = prepare_dataset(config.data, absolute_uri(config.storage.uri), config.storage.options)
     check_against_dataset(config, dataset_uri)
 

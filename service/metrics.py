@@ -30,6 +30,7 @@ RESTARTS = f"{METRIC_PREFIX}_restarts"  # counter
 CHECKPOINT_SAVE_SECONDS = f"{METRIC_PREFIX}_checkpoint_save_seconds"  # histogram
 LAST_COMMITTED_STEP = f"{METRIC_PREFIX}_last_committed_step"
 WORLD_SIZE = f"{METRIC_PREFIX}_world_size"
+STABILITY_EVENTS = f"{METRIC_PREFIX}_stability_events"  # counter, labels detector and action
 
 SAVE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -47,7 +48,7 @@ class RunMetrics:
         self.grad_norm = Gauge(GRAD_NORM, "Global gradient L2 norm before clipping, last logged step.", labels, registry=self.registry)
         self.tokens_per_second = Gauge(TOKENS_PER_SECOND, "Training throughput over the last logging interval.", labels, registry=self.registry)
         self.tokens = Counter(TOKENS, "Tokens trained on, counted once per completed step.", labels, registry=self.registry)
-        self.skipped_steps = Counter(SKIPPED_STEPS, "Optimizer steps skipped for a non-finite loss or grad norm.", labels, registry=self.registry)
+        self.skipped_steps = Counter(SKIPPED_STEPS, "Optimizer steps not applied: skipped for a spike or non-finite value, rolled back, or float16 overflow.", labels, registry=self.registry)
         self.restarts = Counter(RESTARTS, "Worker-group restarts after a failure.", labels, registry=self.registry)
         self.checkpoint_save_seconds = Histogram(
             CHECKPOINT_SAVE_SECONDS, "Wall time of a checkpoint save, commit included.", labels,
@@ -55,6 +56,10 @@ class RunMetrics:
         )
         self.last_committed_step = Gauge(LAST_COMMITTED_STEP, "Step of the newest committed checkpoint.", labels, registry=self.registry)
         self.world_size = Gauge(WORLD_SIZE, "Ranks in the current attempt.", labels, registry=self.registry)
+        self.stability_events = Counter(
+            STABILITY_EVENTS, "Stability detections by detector (nonfinite, loss_zscore, grad_norm_ratio, loss_ratio, "
+            "overflow) and the action taken (log, skip, rollback).", ["run", "detector", "action"], registry=self.registry,
+        )
         # Create every labelled series now, so counters read 0 instead of being absent.
         for family in (self.step, self.loss, self.learning_rate, self.grad_norm, self.tokens_per_second, self.tokens,
                        self.skipped_steps, self.restarts, self.checkpoint_save_seconds, self.last_committed_step,
@@ -81,6 +86,8 @@ class RunMetrics:
         self.tokens.labels(run).inc(update["tokens"])
         if update.get("skipped_steps"):
             self.skipped_steps.labels(run).inc(update["skipped_steps"])
+        for event in update.get("events", []):
+            self.stability_events.labels(run, event["detector"], event["action"]).inc()
 
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.checkpoint_save_seconds.labels(self.run_name).observe(save_seconds)

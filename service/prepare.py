@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from service.config import ConfigError, DataSection
-from service.storage import filesystem, join, read_json, write_bytes, write_json
+from service.storage import absolute_uri, filesystem, is_local, join, read_json, write_bytes, write_json
 from workers.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ def resolve_inputs(data: DataSection, storage_options: dict[str, Any]) -> list[I
         if not matches:
             raise ConfigError(f"data.paths entry {pattern!r} matches no file; check the path or the glob pattern")
         for match in matches:
-            uris.append(match if match.startswith(protocol) else protocol + match)
+            uri = match if match.startswith(protocol) else protocol + match
+            # Local paths become absolute, so "a.txt", "./a.txt" and a glob that matches it name one file.
+            uris.append(absolute_uri(uri) if is_local(uri) else uri)
     uris = sorted(set(uris))
     if data.max_files is not None:
         uris = uris[: data.max_files]

@@ -18,6 +18,7 @@ from service.catalog import (
     list_checkpoints,
     parse_step,
 )
+from service.storage import filesystem
 
 LOGGER_NAME = "service.catalog"
 
@@ -210,3 +211,27 @@ def test_retention_logs_deleted_steps(fs, run_uri, caplog):
         apply_retention(fs, run_uri, keep_last=1)
 
     assert any("[100]" in record.getMessage() and "keep_last=1" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.s3
+def test_s3_listing_sees_later_commit(s3_server, s3_bucket):
+    # The writer is a separate instance, as in another process, so its writes do not invalidate the reader's cache.
+    run_uri = f"s3://{s3_bucket}/run"
+    writer = s3_server.filesystem()
+    reader = filesystem(run_uri, s3_server.storage_options())
+
+    def commit(step: int) -> None:
+        folder = f"{checkpoints_uri(run_uri)}/{checkpoint_dir_name(step)}"
+        writer.pipe_file(f"{folder}/{DCP_METADATA_FILE}", b"metadata")
+        writer.pipe_file(f"{folder}/{COMMIT_MARKER}", b"")
+
+    commit(100)
+    first = latest_committed(reader, run_uri)
+    commit(200)
+    second = latest_committed(reader, run_uri)
+
+    assert first is not None
+    assert first.step == 100
+    assert second is not None
+    assert second.step == 200
+    assert second.checkpoint_id == f"{checkpoints_uri(run_uri)}/step-000000200"

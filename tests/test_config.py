@@ -143,14 +143,14 @@ def test_override_replaces_yaml_value(tmp_path: Path):
 
 
 def test_override_faults_list():
-    config = load_config(None, ["faults=[{kind: kill, rank: 1, step: 5}, {rank: 0, step: 9}]"])
+    config = load_config(None, ["faults=[{kind: kill, rank: 1, step: 5}, {kind: kill, rank: 0, step: 9}]"])
 
     assert [(fault.kind, fault.rank, fault.step) for fault in config.faults] == [("kill", 1, 5), ("kill", 0, 9)]
 
 
 def test_fault_on_missing_rank_rejected():
     with pytest.raises(ConfigError) as caught:
-        load_config(None, ["scaling.num_workers=2", "faults=[{rank: 2, step: 3}]"])
+        load_config(None, ["scaling.num_workers=2", "faults=[{kind: kill, rank: 2, step: 3}]"])
 
     message = str(caught.value)
     assert "rank=2" in message
@@ -161,8 +161,9 @@ def test_fault_on_missing_rank_rejected():
 def test_fault_unknown_kind_rejected():
     message = config_error({"faults": [{"kind": "hang", "rank": 0, "step": 1}]})
 
-    assert "faults[0].kind" in message
+    assert "faults[0]" in message
     assert "'hang'" in message
+    assert "'kill'" in message
 
 
 @pytest.mark.parametrize("override", ["optim.lr", "=3", "optim..lr=1", "1optim.lr=1", "optim.lr 3"])
@@ -244,7 +245,7 @@ def test_tiny_example_loads():
 
 
 def test_config_round_trips_through_json():
-    config = load_config(None, ["optim.lr=3e-4", "faults=[{rank: 1, step: 5}]"])
+    config = load_config(None, ["optim.lr=3e-4", "faults=[{kind: kill, rank: 1, step: 5}]"])
 
     assert config_from_dict(config.model_dump(mode="json")) == config
 

@@ -102,12 +102,12 @@ def test_step_straddling_epochs():
     epoch_zero = order.positions(0, NUM_SAMPLES)
     epoch_one = order.positions(NUM_SAMPLES, NUM_SAMPLES)
 
-    # Step 3 holds positions 8..11: the last two of epoch 0 and the first two of epoch 1.
+    # Step 3 contains positions 8..11: the last two of epoch 0 and the first two of epoch 1.
     assert order.global_batch(3, GLOBAL_BATCH) == epoch_zero[8:] + epoch_one[:2]
 
 
 def test_order_independent_of_query_history():
-    # A resumed run asks for a late step first; the answer must not depend on earlier queries.
+    # A resumed run requests a late step first, and the result must not depend on earlier requests.
     warm = SampleOrder(NUM_SAMPLES, SEED)
     for step in range(1, 20):
         warm.global_batch(step, GLOBAL_BATCH)

@@ -54,7 +54,7 @@ def test_forward_hand_count():
 def test_causal_hand_count():
     counts = forward_flops(TINY, causal=True)
 
-    # Query t (1-based) sees t keys: (1 + ... + 32) / 32 = 16.5 keys on average instead of 32.
+    # Query t (1-based) attends to t keys: (1 + ... + 32) / 32 = 16.5 keys on average instead of 32.
     assert counts.attention_scores == 2 * (2 * 2 * 64 * 16.5)
     assert counts.attention_projections == forward_flops(TINY).attention_projections
     assert forward_flops_per_token(TINY, causal=True) == 246784 - 16384 + 8448

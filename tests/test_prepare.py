@@ -218,6 +218,17 @@ def test_overlapping_patterns_deduplicated(tmp_path: Path):
     assert [item.size_bytes for item in inputs] == [5, 5, 4]
 
 
+def test_relative_and_absolute_paths_deduplicated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("once", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["corpus/a.txt", "./corpus/a.txt", "corpus/*.txt", str(tmp_path / "corpus" / "a.txt"), f"file://{tmp_path}/corpus/a.txt"]
+
+    inputs = resolve_inputs(DataSection(paths=spellings), {})
+
+    assert [item.uri for item in inputs] == [str(tmp_path / "corpus" / "a.txt")]
+
+
 def test_max_files_keeps_first_paths(tmp_path: Path):
     for name in ("c.txt", "a.txt", "b.txt"):
         (tmp_path / name).write_text(name, encoding="utf-8")

@@ -92,12 +92,15 @@ def _train(
         state.tokens_seen += result.target_tokens
 
 
-def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Gather the unsharded model and optimizer state; a collective, and only rank 0 gets the values."""
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_rank: int) -> dict[str, Any] | None:
+    """Gather the unsharded model and optimizer state; a collective that returns the state on rank 0 only."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if world_rank != 0:
+        return None
     return {
-        "model": get_model_state_dict(model, options=options),
+        "model": model_state,
         "optimizer_state": optimizer_state["state"],
         "param_groups": [
             {key: group[key] for key in ("lr", "betas", "eps", "weight_decay", "params")}
@@ -132,8 +135,8 @@ def _train_and_save_rank(
     state = TrainState()
     _train(model, optimizer, units, world_rank, state, SAVED_STEP)
 
-    full = _full_state(model, optimizer)
-    if world_rank == 0:
+    full = _full_state(model, optimizer, world_rank)
+    if full is not None:
         torch.save(full, os.path.join(output_dir, "saved.pt"))
         Path(output_dir, "saved_train_state.json").write_text(json.dumps(state.to_dict()))
     torch.save(torch.get_rng_state(), os.path.join(output_dir, f"saved-rng-rank{world_rank}.pt"))
@@ -151,8 +154,8 @@ def _load_rank(world_rank: int, world_size: int, checkpoint_id: str, options: di
     )
     torch.save(torch.get_rng_state(), os.path.join(output_dir, f"loaded-rng-rank{world_rank}.pt"))
 
-    full = _full_state(model, optimizer)
-    if world_rank == 0:
+    full = _full_state(model, optimizer, world_rank)
+    if full is not None:
         torch.save(full, os.path.join(output_dir, "loaded.pt"))
         Path(output_dir, "loaded_train_state.json").write_text(json.dumps(state.to_dict()))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -35,17 +35,19 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    overflow_steps: int = 0
+    # Batch ranges skipped by rollbacks: [[first_batch, count], ...] (see workers.stability.DataSkips).
+    data_skips: list[list[int]] = field(default_factory=list)
+    stability: dict[str, Any] = field(default_factory=dict)
+    loss_scaler: dict[str, float] | None = None
 
-    def to_dict(self) -> dict[str, int]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "TrainState":
-        return cls(
-            step=int(payload["step"]),
-            tokens_seen=int(payload["tokens_seen"]),
-            skipped_steps=int(payload.get("skipped_steps", 0)),
-        )
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in payload.items() if key in known})
 
 
 def _barrier() -> None:

@@ -2,8 +2,8 @@
 
 Only matrix multiplications are counted, at 2 FLOPs per multiply-add. Norms,
 RoPE, softmax, SiLU, the residual adds, the embedding lookup (a gather) and the
-loss are left out: together they are a small fraction of the matmul work, and
-``torch.utils.flop_counter.FlopCounterMode`` leaves them out too.
+loss are left out, as the usual MFU convention and
+``torch.utils.flop_counter.FlopCounterMode`` leave them out.
 
 Attention scores are counted over the full ``seq_len x seq_len`` square by
 default, although a causal mask makes half of it unnecessary. That is the usual

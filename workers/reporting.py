@@ -1,8 +1,9 @@
 """Progress output of rank 0: a log line, the step history in storage, and metric updates.
 
 The history is one JSONL part per logging interval under
-``<run>/history/attempt-NNNN/``, so it survives the driver and works on object
-stores, which cannot append to a file.
+``<run>/history/attempt-NNNN/part-NNNNNN.jsonl``, so it survives the driver and
+works on object stores, which cannot append to a file. Parts are numbered in
+write order: after a rollback the recomputed steps land in later parts.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from service.storage import filesystem, join, write_bytes
@@ -27,10 +28,12 @@ class StepRecord:
     grad_norm: float
     lr: float
     tokens: int
-    skipped: bool
+    skipped: bool  # the optimizer step was not applied
     attempt: int
     world_size: int
     time: float
+    action: str = "step"  # step, skip, rollback or overflow
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 def attempt_dir_name(attempt: int) -> str:
@@ -50,6 +53,7 @@ class ProgressReporter:
         self._fs = filesystem(run_uri, storage_options)
         self._metrics_actor = metrics_actor
         self._records: list[StepRecord] = []
+        self._part = 0
         self._interval_started = time.monotonic()
 
     def add(self, record: StepRecord) -> None:
@@ -65,10 +69,12 @@ class ProgressReporter:
         last = records[-1]
         tokens = sum(record.tokens for record in records)
         skipped = sum(record.skipped for record in records)
+        events = [event for record in records for event in record.events]
         tokens_per_second = tokens / elapsed_s
 
         payload = "".join(json.dumps(asdict(record)) + "\n" for record in records).encode("utf-8")
-        write_bytes(self._fs, join(self._history_uri, f"steps-{last.step:09d}.jsonl"), payload)
+        self._part += 1
+        write_bytes(self._fs, join(self._history_uri, f"part-{self._part:06d}.jsonl"), payload)
 
         logger.info(
             "run=%s attempt=%d step=%d/%d loss=%.4f lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
@@ -80,6 +86,7 @@ class ProgressReporter:
                 {
                     "step": last.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
                     "tokens_per_second": tokens_per_second, "tokens": tokens, "skipped_steps": skipped,
+                    "events": events,
                 }
             )
 
@@ -90,18 +97,18 @@ class ProgressReporter:
 
 
 def read_history(run_uri: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Return every step record of a run, all attempts, ordered by (attempt, step)."""
+    """Return every step record of a run in the order it was written: by attempt, then part, then line."""
     fs = filesystem(run_uri, storage_options)
-    pattern = join(run_uri, HISTORY_DIR, "attempt-*", "steps-*.jsonl")
+    pattern = join(run_uri, HISTORY_DIR, "attempt-*", "part-*.jsonl")
     records: list[dict[str, Any]] = []
+    # Zero-padded names make text order equal to numeric order here.
     for path in sorted(fs.glob(pattern)):
         for line in fs.cat_file(path).decode("utf-8").splitlines():
             if line.strip():
                 records.append(json.loads(line))
-    records.sort(key=lambda record: (record["attempt"], record["step"]))
     return records
 
 
 def final_losses(records: list[dict[str, Any]]) -> dict[int, float]:
-    """Return the loss of each step from the latest attempt that ran it (recomputed steps replace earlier ones)."""
+    """Return the loss of each step from the last time it ran (recomputed steps replace earlier ones)."""
     return {record["step"]: record["loss"] for record in records}

@@ -44,10 +44,16 @@ def forward_backward(
     micro_batches: Sequence[MicroBatch],
     device: torch.device,
     fsdp_units: Sequence[FSDPModule] = (),
+    *,
+    loss_multiplier: float = 1.0,
+    backward_scale: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Accumulate gradients over this rank's micro-batches; return (global loss sum, global target tokens).
 
-    Gradient reduction across ranks runs only on the last micro-batch.
+    ``loss_multiplier`` scales the loss itself (fault injection of a spike);
+    ``backward_scale`` scales only what is backpropagated (float16 loss
+    scaling), so the returned loss is unaffected by it. Gradient reduction
+    across ranks runs only on the last micro-batch.
     """
     local_tokens = sum(batch.num_target_tokens for batch in micro_batches)
     global_tokens = int(_all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=device)).item())
@@ -63,24 +69,85 @@ def forward_backward(
         token_loss_sum = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        (token_loss_sum / global_tokens).backward()
+        if loss_multiplier != 1.0:
+            token_loss_sum = token_loss_sum * loss_multiplier
+        (token_loss_sum * (backward_scale / global_tokens)).backward()
         loss_sum += token_loss_sum.detach()
     return _all_reduce_sum(loss_sum), global_tokens
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Clip to ``max_norm`` (when set) and return the global gradient norm before clipping."""
-    parameters = [param for param in model.parameters() if param.grad is not None]
-    limit = max_norm if max_norm is not None else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(parameters, limit, foreach=True)
+def _parameters_with_grad(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for param in model.parameters() if param.grad is not None]
+
+
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
+    """Return the global (unsharded) L2 norm of the gradients."""
+    norm = torch.nn.utils.get_total_norm([param.grad for param in _parameters_with_grad(model)], foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
+    return norm
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip to ``max_norm`` (when set) and return the global gradient norm before clipping."""
+    norm = gradient_norm(model)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(_parameters_with_grad(model), max_norm, norm, foreach=True)
     return norm
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass
+class Gradients:
+    loss: float  # mean token loss over the global batch
+    grad_norm: float  # global L2 norm before clipping, with any loss scale removed
+    target_tokens: int
+
+
+def compute_gradients(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    *,
+    device: torch.device,
+    fsdp_units: Sequence[FSDPModule] = (),
+    loss_multiplier: float = 1.0,
+    loss_scale: float = 1.0,
+) -> Gradients:
+    """Run forward and backward for the step and read the global loss and grad norm (one host sync)."""
+    loss_sum, global_tokens = forward_backward(
+        model, micro_batches, device, fsdp_units, loss_multiplier=loss_multiplier, backward_scale=loss_scale
+    )
+    norm = gradient_norm(model)
+    values = torch.stack([loss_sum / global_tokens, norm.to(loss_sum.dtype) / loss_scale]).tolist()
+    return Gradients(loss=values[0], grad_norm=values[1], target_tokens=global_tokens)
+
+
+def apply_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gradients: Gradients,
+    *,
+    lr: float,
+    grad_clip: float | None,
+    loss_scale: float = 1.0,
+) -> None:
+    """Unscale, clip with the already known global norm, and take the optimizer step.
+
+    Unscaling and clipping are one multiply by a Python float, which works the
+    same on plain tensors and on FSDP2's DTensor gradients.
+    """
+    factor = 1.0 / loss_scale
+    if grad_clip is not None:
+        # Same coefficient as torch.nn.utils.clip_grad_norm_, clamped to 1.
+        factor *= min(1.0, grad_clip / (gradients.grad_norm + 1e-6))
+    if factor != 1.0:
+        torch._foreach_mul_([param.grad for param in _parameters_with_grad(model)], factor)
+    set_learning_rate(optimizer, lr)
+    optimizer.step()
 
 
 def train_step(
@@ -98,14 +165,9 @@ def train_step(
     The loss and the grad norm are global values, so every rank takes the same decision.
     A skipped step still consumes its batch and its place in the LR schedule.
     """
-    loss_sum, global_tokens = forward_backward(model, micro_batches, device, fsdp_units)
-    grad_norm = clip_gradients(model, grad_clip)
-
-    loss = (loss_sum / global_tokens).item()
-    norm = grad_norm.item()
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    gradients = compute_gradients(model, micro_batches, device=device, fsdp_units=fsdp_units)
+    skipped = not (math.isfinite(gradients.loss) and math.isfinite(gradients.grad_norm))
     if not skipped:
-        set_learning_rate(optimizer, lr)
-        optimizer.step()
+        apply_update(model, optimizer, gradients, lr=lr, grad_clip=grad_clip)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, grad_norm=norm, target_tokens=global_tokens, skipped=skipped)
+    return StepResult(loss=gradients.loss, grad_norm=gradients.grad_norm, target_tokens=gradients.target_tokens, skipped=skipped)

@@ -8,8 +8,7 @@ failure: storage, not the Ray cluster's memory, is the source of truth.
 from __future__ import annotations
 
 import logging
-import os
-import signal
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,21 +19,24 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from service.catalog import checkpoint_uri, latest_committed
+from service.catalog import checkpoint_uri, latest_committed, list_checkpoints
 from service.config import Config
-from service.storage import filesystem, join, write_json
+from service.storage import filesystem, join, read_json, write_json
 from workers.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_rank_rng
 from workers.data import SampleOrder, TokenDataset, rank_micro_batches
+from workers.faults import fire_kill_faults, spike_multiplier
 from workers.model import ModelArgs, build_model
 from workers.parallel import apply_fsdp
 from workers.reporting import ProgressReporter, StepRecord
 from workers.schedule import lr_multiplier
-from workers.step import train_step
+from workers.stability import DataSkips, DetectorSettings, DynamicLossScaler, SpikeAbort, SpikeMonitor, StabilityEvent
+from workers.step import apply_update, compute_gradients
 
 logger = logging.getLogger(__name__)
 
 ATTEMPTS_DIR = "attempts"
-FAULTS_DIR = "faults"
+DATA_SKIPS_FILE = "data_skips.json"
+ABORT_FILE = "ABORTED.json"
 
 
 @dataclass(frozen=True)
@@ -86,25 +88,6 @@ def next_attempt(run_uri: str, storage_options: dict[str, Any], context: WorkerC
     return int(number.item())
 
 
-def fire_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, context: WorkerContext) -> None:
-    """Kill this rank with SIGKILL if a fault is due here; each fault fires once per run.
-
-    The marker in storage is written before the kill, so the restarted attempt
-    does not fire the same fault again.
-    """
-    for fault in config.faults:
-        if fault.kind != "kill" or fault.rank != context.world_rank or fault.step != step:
-            continue
-        fs = filesystem(run_uri, storage_options)
-        marker = join(run_uri, FAULTS_DIR, f"kill-rank{fault.rank}-step{fault.step}.json")
-        if fs.exists(marker):
-            continue
-        write_json(fs, marker, {"kind": "kill", "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
-        logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", context.world_rank, os.getpid(), step)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def report_checkpoint_to_ray(step: int, checkpoint_id: str, metrics: dict[str, Any]) -> None:
     """Tell Ray Train about a committed checkpoint that already lies under the run's storage path."""
     storage = ray.train.get_context().get_storage()
@@ -118,119 +101,268 @@ def report_checkpoint_to_ray(step: int, checkpoint_id: str, metrics: dict[str, A
     )
 
 
+def build_spike_monitor(config: Config) -> SpikeMonitor:
+    section = config.stability
+    detectors = [
+        DetectorSettings(name, metric, kind, settings.threshold, settings.policy)
+        for name, metric, kind, settings in (
+            ("loss_zscore", "loss", "zscore", section.loss_zscore),
+            ("grad_norm_ratio", "grad_norm", "median_ratio", section.grad_norm_ratio),
+            ("loss_ratio", "loss", "ratio", section.loss_ratio),
+        )
+        if settings.enabled
+    ]
+    return SpikeMonitor(detectors, window=section.window, nonfinite_policy=section.nonfinite_policy,
+                        max_events=section.max_events, event_window_steps=section.event_window_steps)
+
+
+class Trainer:
+    """One attempt of one rank: set up, resume, then step until ``train.steps``."""
+
+    def __init__(self, loop_config: dict[str, Any]):
+        self.started_at = time.time()
+        self.config = Config.model_validate(loop_config["config"])
+        self.run_uri: str = loop_config["run_uri"]
+        self.storage_options: dict[str, Any] = self.config.storage.options
+        self.saved_config: dict[str, Any] = loop_config["saved_config"]
+        self.fs = filesystem(self.run_uri, self.storage_options)
+
+        config = self.config
+        ray_context = ray.train.get_context()
+        use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
+        local_rank = ray_context.get_local_rank()
+        device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(device)
+        else:
+            # One thread per CPU Ray gave this worker, so ranks do not oversubscribe cores.
+            torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+        self.context = WorkerContext(ray_context.get_world_rank(), ray_context.get_world_size(), local_rank, device)
+        self.is_rank0 = self.context.world_rank == 0
+        mesh = init_device_mesh(device.type, (self.context.world_size,))
+
+        self.refuse_if_aborted()
+        self.attempt = next_attempt(self.run_uri, self.storage_options, self.context, self.started_at)
+        self.metrics_actor = self.find_metrics_actor(loop_config.get("metrics_actor"))
+        if self.metrics_actor is not None and self.is_rank0:
+            self.metrics_actor.record_attempt.remote(self.attempt, self.context.world_size)
+
+        # Model and optimizer: identical init on every rank from the seed, then sharded.
+        self.model = build_model(model_args(config), seed=config.run.seed)
+        self.model.to(device)
+        self.fsdp_units = apply_fsdp(self.model, mesh, param_dtype=config.parallel.param_dtype,
+                                     reduce_dtype=config.parallel.reduce_dtype)
+        self.optimizer = build_optimizer(self.model, config)
+
+        self.dataset = TokenDataset(loop_config["dataset_uri"], config.model.seq_len, self.storage_options)
+        self.order = SampleOrder(self.dataset.num_samples, config.run.seed)
+        self.monitor = build_spike_monitor(config)
+        self.loss_scaler = None
+        if config.parallel.param_dtype == "float16":
+            self.loss_scaler = DynamicLossScaler(config.parallel.init_loss_scale,
+                                                 growth_interval=config.parallel.loss_scale_growth_interval)
+        self.train_state = TrainState()
+        self.data_skips = DataSkips()
+        self.reporter = None
+        if self.is_rank0:
+            self.reporter = ProgressReporter(
+                run_name=config.run.name, run_uri=self.run_uri, attempt=self.attempt,
+                world_size=self.context.world_size, storage_options=self.storage_options,
+                metrics_actor=self.metrics_actor, total_steps=config.train.steps,
+            )
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        """Log from rank 0 with the run and attempt in front."""
+        if self.is_rank0:
+            logger.log(level, "run=%s attempt=%d " + message, self.config.run.name, self.attempt, *args)
+
+    def find_metrics_actor(self, name: str | None) -> Any | None:
+        if not name:
+            return None
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            logger.warning("metrics actor %s not found; metrics are not exported", name)
+            return None
+
+    def refuse_if_aborted(self) -> None:
+        marker = join(self.run_uri, ABORT_FILE)
+        if self.fs.exists(marker):
+            reason = read_json(self.fs, marker).get("reason", "")
+            raise SpikeAbort(f"run {self.config.run.name} was aborted earlier: {reason}. Delete {marker} to resume it")
+
+    # Resume and rollback.
+
+    def load(self, checkpoint_id: str) -> None:
+        load_started = time.monotonic()
+        self.train_state = load_checkpoint(
+            checkpoint_id, model=self.model, optimizer=self.optimizer, world_rank=self.context.world_rank,
+            world_size=self.context.world_size, seed=self.config.run.seed, storage_options=self.storage_options,
+        )
+        self.monitor.load_state_dict(self.train_state.stability)
+        if self.loss_scaler is not None and self.train_state.loss_scaler:
+            self.loss_scaler.load_state_dict(self.train_state.loss_scaler)
+        # The run-level record also holds skips decided after this checkpoint was saved.
+        self.data_skips = DataSkips([tuple(item) for item in self.train_state.data_skips] + self.read_run_skips())
+        self.log(logging.INFO, "loaded %s (step %d) in %.2f s", checkpoint_id, self.train_state.step,
+                 time.monotonic() - load_started)
+
+    def resume(self) -> None:
+        latest = latest_committed(self.fs, self.run_uri)
+        if latest is not None:
+            self.load(latest.checkpoint_id)
+            return
+        seed_rank_rng(self.config.run.seed, 0, self.context.world_rank, self.context.world_size)
+        self.data_skips = DataSkips(self.read_run_skips())
+        self.log(logging.INFO, "starting from scratch with %d ranks", self.context.world_size)
+
+    def read_run_skips(self) -> list[tuple[int, int]]:
+        path = join(self.run_uri, DATA_SKIPS_FILE)
+        if not self.fs.exists(path):
+            return []
+        return [(int(start), int(length)) for start, length in read_json(self.fs, path)["ranges"]]
+
+    def rollback(self, spike_step: int) -> bool:
+        """Reload the newest committed checkpoint before ``spike_step`` and skip a window of batches.
+
+        Return False (and change nothing) when no such checkpoint exists.
+        """
+        candidates = [info for info in list_checkpoints(self.fs, self.run_uri) if info.usable and info.step < spike_step]
+        if not candidates:
+            self.log(logging.WARNING, "step=%d rollback impossible: no committed checkpoint before it; skipping the step instead",
+                     spike_step)
+            return False
+        target = candidates[-1]
+        first_batch = self.data_skips.batch_for_step(target.step + 1)
+        spike_batch = self.data_skips.batch_for_step(spike_step)
+        count = max(self.config.stability.rollback_skip_batches, spike_batch - first_batch + 1)
+        skips = DataSkips(self.data_skips.ranges)
+        skips.add(first_batch, count)
+        if self.is_rank0:
+            write_json(self.fs, join(self.run_uri, DATA_SKIPS_FILE), {"ranges": skips.to_list()})
+        dist.barrier()
+        self.load(target.checkpoint_id)
+        self.data_skips = DataSkips(self.read_run_skips())
+        self.log(logging.WARNING, "step=%d rolled back to step %d; skipping batches %d..%d (samples %d..%d of the order)",
+                 spike_step, target.step, first_batch, first_batch + count - 1,
+                 (first_batch - 1) * self.config.train.global_batch, (first_batch + count - 1) * self.config.train.global_batch - 1)
+        return True
+
+    # One step.
+
+    def micro_batches(self, step: int) -> list:
+        config = self.config
+        batch_id = self.data_skips.batch_for_step(step)
+        indices = self.order.global_batch(batch_id, config.train.global_batch)
+        chunks = rank_micro_batches(indices, self.context.world_rank, self.context.world_size, config.train.micro_batch)
+        return [self.dataset.micro_batch(chunk) for chunk in chunks]
+
+    def learning_rate(self, step: int) -> float:
+        schedule = self.config.schedule
+        return self.config.optim.lr * lr_multiplier(
+            schedule.name, step, warmup_steps=schedule.warmup_steps, total_steps=self.config.train.steps,
+            min_ratio=schedule.min_lr_ratio, decay_ratio=schedule.decay_ratio, decay_shape=schedule.decay_shape,
+        )
+
+    def log_events(self, events: list[StabilityEvent]) -> None:
+        for event in events:
+            self.log(logging.WARNING, "rank=%d step=%d %s detected: value=%.6g threshold=%.6g action=%s",
+                     self.context.world_rank, event.step, event.detector, event.value, event.threshold, event.action)
+
+    def run_step(self, step: int) -> tuple[str, float, float, int, list[StabilityEvent]]:
+        """Compute one step and apply the stability decision; return (action, loss, grad norm, tokens, events)."""
+        config = self.config
+        fire_kill_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
+        multiplier = spike_multiplier(config, self.run_uri, self.storage_options, step, self.context.world_rank)
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        gradients = compute_gradients(self.model, self.micro_batches(step), device=self.context.device,
+                                      fsdp_units=self.fsdp_units, loss_multiplier=multiplier, loss_scale=scale)
+
+        if self.loss_scaler is not None and not math.isfinite(gradients.grad_norm) and math.isfinite(gradients.loss):
+            # A float16 overflow: lower the scale and skip, counted apart from spikes.
+            self.loss_scaler.update(overflow=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            event = StabilityEvent("overflow", "skip", step, gradients.grad_norm, math.inf)
+            self.log(logging.INFO, "step=%d float16 overflow: skipped, loss scale lowered to %g", step, self.loss_scaler.scale)
+            return "overflow", gradients.loss, gradients.grad_norm, gradients.target_tokens, [event]
+
+        decision = self.monitor.check(step, gradients.loss, gradients.grad_norm)
+        self.log_events(decision.events)
+        if decision.action == "step":
+            apply_update(self.model, self.optimizer, gradients, lr=self.learning_rate(step),
+                         grad_clip=config.train.grad_clip, loss_scale=scale)
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(overflow=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        return decision.action, gradients.loss, gradients.grad_norm, gradients.target_tokens, decision.events
+
+    def save(self, step: int, loss: float) -> None:
+        config = self.config
+        self.train_state.stability = self.monitor.state_dict()
+        self.train_state.data_skips = self.data_skips.to_list()
+        self.train_state.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
+        checkpoint_id = checkpoint_uri(self.run_uri, step)
+        save_seconds = save_checkpoint(
+            checkpoint_id, model=self.model, optimizer=self.optimizer, train_state=self.train_state,
+            run_uri=self.run_uri, config=self.saved_config, world_rank=self.context.world_rank,
+            world_size=self.context.world_size, storage_options=self.storage_options,
+            keep_last=config.checkpoint.keep_last, extra={"loss": loss, "attempt": self.attempt},
+        )
+        if self.reporter is not None:
+            self.reporter.checkpoint_saved(step, save_seconds)
+        report_checkpoint_to_ray(step, checkpoint_id, {"loss": loss, "tokens_seen": self.train_state.tokens_seen})
+
+    def abort(self, error: SpikeAbort, step: int) -> None:
+        if self.is_rank0:
+            write_json(self.fs, join(self.run_uri, ABORT_FILE), {"step": step, "reason": str(error), "aborted_at": time.time()})
+        self.log(logging.ERROR, "step=%d aborting: %s", step, error)
+
+    def train(self) -> None:
+        config = self.config
+        self.resume()
+        last_saved_step = self.train_state.step
+        step = self.train_state.step
+        while step < config.train.steps:
+            step += 1
+            try:
+                action, loss, grad_norm, tokens, events = self.run_step(step)
+            except SpikeAbort as error:
+                self.abort(error, step)
+                raise
+
+            if action == "rollback" and self.rollback(step):
+                if self.reporter is not None:
+                    self.reporter.add(self.record(step, loss, grad_norm, tokens, "rollback", events))
+                    self.reporter.flush()
+                step = self.train_state.step
+                continue
+
+            self.train_state.step = step
+            self.train_state.tokens_seen += tokens
+            self.train_state.skipped_steps += int(action in ("skip", "rollback"))
+            self.train_state.overflow_steps += int(action == "overflow")
+            if self.reporter is not None:
+                self.reporter.add(self.record(step, loss, grad_norm, tokens, action, events))
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    self.reporter.flush()
+
+            every = config.checkpoint.every_steps
+            if (every is not None and step % every == 0) or (config.checkpoint.save_final and step == config.train.steps):
+                self.save(step, loss)
+                last_saved_step = step
+
+        if last_saved_step != config.train.steps:
+            # Tell Ray Train the run finished even when the last step was not saved.
+            ray.train.report({"step": self.train_state.step, "tokens_seen": self.train_state.tokens_seen})
+
+    def record(self, step: int, loss: float, grad_norm: float, tokens: int, action: str,
+               events: list[StabilityEvent]) -> StepRecord:
+        return StepRecord(step=step, loss=loss, grad_norm=grad_norm, lr=self.learning_rate(step), tokens=tokens,
+                          skipped=action != "step", action=action, events=[event.to_dict() for event in events],
+                          attempt=self.attempt, world_size=self.context.world_size, time=time.time())
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: set up, resume if possible, train to ``train.steps``."""
     configure_worker_logging()
-    started_at = time.time()
-    config = Config.model_validate(loop_config["config"])
-    run_uri: str = loop_config["run_uri"]
-    dataset_uri: str = loop_config["dataset_uri"]
-    storage_options: dict[str, Any] = config.storage.options
-    saved_config: dict[str, Any] = loop_config["saved_config"]
-
-    ray_context = ray.train.get_context()
-    use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
-    local_rank = ray_context.get_local_rank()
-    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
-    if use_gpu:
-        torch.cuda.set_device(device)
-    else:
-        # One thread per CPU Ray gave this worker, so ranks do not oversubscribe cores.
-        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    context = WorkerContext(ray_context.get_world_rank(), ray_context.get_world_size(), local_rank, device)
-    mesh = init_device_mesh(device.type, (context.world_size,))
-
-    attempt = next_attempt(run_uri, storage_options, context, started_at)
-    metrics_actor = None
-    if loop_config.get("metrics_actor"):
-        try:
-            metrics_actor = ray.get_actor(loop_config["metrics_actor"])
-        except ValueError:
-            logger.warning("metrics actor %s not found; metrics are not exported", loop_config["metrics_actor"])
-    if metrics_actor is not None and context.world_rank == 0:
-        metrics_actor.record_attempt.remote(attempt, context.world_size)
-
-    # Model and optimizer: identical init on every rank from the seed, then sharded.
-    model = build_model(model_args(config), seed=config.run.seed)
-    model.to(device)
-    fsdp_units = apply_fsdp(model, mesh, param_dtype=config.parallel.param_dtype, reduce_dtype=config.parallel.reduce_dtype)
-    optimizer = build_optimizer(model, config)
-
-    # Resume from the newest committed checkpoint, if any.
-    train_state = TrainState()
-    latest = latest_committed(filesystem(run_uri, storage_options), run_uri)
-    if latest is not None:
-        load_started = time.monotonic()
-        train_state = load_checkpoint(
-            latest.checkpoint_id, model=model, optimizer=optimizer, world_rank=context.world_rank,
-            world_size=context.world_size, seed=config.run.seed, storage_options=storage_options,
-        )
-        if context.world_rank == 0:
-            logger.info("run=%s attempt=%d resumed from %s (step %d) in %.2f s", config.run.name, attempt,
-                        latest.checkpoint_id, train_state.step, time.monotonic() - load_started)
-    else:
-        seed_rank_rng(config.run.seed, 0, context.world_rank, context.world_size)
-        if context.world_rank == 0:
-            logger.info("run=%s attempt=%d starting from scratch with %d ranks", config.run.name, attempt, context.world_size)
-
-    dataset = TokenDataset(dataset_uri, config.model.seq_len, storage_options)
-    order = SampleOrder(dataset.num_samples, config.run.seed)
-    reporter = None
-    if context.world_rank == 0:
-        reporter = ProgressReporter(
-            run_name=config.run.name, run_uri=run_uri, attempt=attempt, world_size=context.world_size,
-            storage_options=storage_options, metrics_actor=metrics_actor, total_steps=config.train.steps,
-        )
-
-    last_saved_step = train_state.step
-    for step in range(train_state.step + 1, config.train.steps + 1):
-        fire_faults(config, run_uri, storage_options, step, context)
-
-        # Data: the global batch of this step, this rank's slice of it.
-        indices = order.global_batch(step, config.train.global_batch)
-        micro_batches = [
-            dataset.micro_batch(chunk)
-            for chunk in rank_micro_batches(indices, context.world_rank, context.world_size, config.train.micro_batch)
-        ]
-
-        # Optimizer step at the LR the schedule gives for this step.
-        lr = config.optim.lr * lr_multiplier(
-            config.schedule.name, step, warmup_steps=config.schedule.warmup_steps,
-            total_steps=config.train.steps, min_ratio=config.schedule.min_lr_ratio,
-        )
-        result = train_step(model, optimizer, micro_batches, lr=lr, grad_clip=config.train.grad_clip,
-                            device=device, fsdp_units=fsdp_units)
-        train_state.step = step
-        train_state.tokens_seen += result.target_tokens
-        train_state.skipped_steps += int(result.skipped)
-        if result.skipped and context.world_rank == 0:
-            logger.warning("run=%s attempt=%d step=%d skipped: loss=%s grad_norm=%s is not finite",
-                           config.run.name, attempt, step, result.loss, result.grad_norm)
-
-        # Reporting.
-        if reporter is not None:
-            reporter.add(StepRecord(step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr,
-                                    tokens=result.target_tokens, skipped=result.skipped, attempt=attempt,
-                                    world_size=context.world_size, time=time.time()))
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                reporter.flush()
-
-        # Checkpoint.
-        every = config.checkpoint.every_steps
-        due = (every is not None and step % every == 0) or (config.checkpoint.save_final and step == config.train.steps)
-        if due:
-            checkpoint_id = checkpoint_uri(run_uri, step)
-            save_seconds = save_checkpoint(
-                checkpoint_id, model=model, optimizer=optimizer, train_state=train_state, run_uri=run_uri,
-                config=saved_config, world_rank=context.world_rank, world_size=context.world_size,
-                storage_options=storage_options, keep_last=config.checkpoint.keep_last,
-                extra={"loss": result.loss, "attempt": attempt},
-            )
-            last_saved_step = step
-            if reporter is not None:
-                reporter.checkpoint_saved(step, save_seconds)
-            report_checkpoint_to_ray(step, checkpoint_id, {"loss": result.loss, "tokens_seen": train_state.tokens_seen})
-
-    if last_saved_step != config.train.steps:
-        # Tell Ray Train the run finished even when the last step was not saved.
-        ray.train.report({"step": train_state.step, "tokens_seen": train_state.tokens_seen})
+    Trainer(loop_config).train()

@@ -1,0 +1,66 @@
+"""Fault injection for tests and game days: each configured fault fires once per run.
+
+A marker in storage, written before the fault takes effect, keeps a fault from
+firing again in a later attempt or after a rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from service.config import Config, KillFault, SpikeFault
+from service.storage import filesystem, join, write_json
+
+logger = logging.getLogger(__name__)
+
+FAULTS_DIR = "faults"
+
+
+def _marker(run_uri: str, name: str) -> str:
+    return join(run_uri, FAULTS_DIR, f"{name}.json")
+
+
+def fire_kill_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:
+    """Kill this rank with SIGKILL if a kill fault is due here."""
+    for fault in config.faults:
+        if not isinstance(fault, KillFault) or fault.rank != world_rank or fault.step != step:
+            continue
+        fs = filesystem(run_uri, storage_options)
+        marker = _marker(run_uri, f"kill-rank{fault.rank}-step{fault.step}")
+        if fs.exists(marker):
+            continue
+        write_json(fs, marker, {"kind": "kill", "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
+        logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", world_rank, os.getpid(), step)
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def spike_multiplier(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> float:
+    """Return the loss multiplier of a spike fault due at ``step`` (1.0 when none fires).
+
+    Rank 0 checks and writes the marker, then broadcasts the decision, so
+    every rank scales its loss alike.
+    """
+    due = [fault for fault in config.faults if isinstance(fault, SpikeFault) and fault.step == step]
+    if not due:
+        return 1.0
+    fault = due[0]
+    decision = torch.zeros(1, dtype=torch.float64)
+    if world_rank == 0:
+        fs = filesystem(run_uri, storage_options)
+        marker = _marker(run_uri, f"spike-step{fault.step}")
+        if not fs.exists(marker):
+            write_json(fs, marker, {"kind": "spike", "step": fault.step, "factor": fault.factor, "fired_at": time.time()})
+            logger.warning("fault injection: multiplying the loss by %g at step %d", fault.factor, step)
+            decision[0] = fault.factor
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(decision, src=0)
+    return float(decision.item()) or 1.0
