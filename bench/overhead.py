@@ -272,16 +272,23 @@ def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     bare_rate = median_rate(results["bare"])
     stalwart_rate = median_rate(results["stalwart"])
     ratio = stalwart_rate / bare_rate if bare_rate and stalwart_rate else None
+    # Each Stalwart run against the bare run just before it; the spread shows how noisy the machine is.
+    round_ratios = [
+        stalwart_run.steady_tokens_per_second / bare_run.steady_tokens_per_second
+        for bare_run, stalwart_run in zip(results["bare"], results["stalwart"])
+        if bare_run.steady_tokens_per_second and stalwart_run.steady_tokens_per_second
+    ]
     summary: dict[str, Any] = {
         "steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
         "bare_tokens_per_second": [result.steady_tokens_per_second for result in results["bare"]],
         "stalwart_tokens_per_second": [result.steady_tokens_per_second for result in results["stalwart"]],
-        "bare_median": bare_rate, "stalwart_median": stalwart_rate, "ratio": ratio,
+        "bare_median": bare_rate, "stalwart_median": stalwart_rate, "ratio": ratio, "round_ratios": round_ratios,
         "host_extras_us_per_step": results["host_extras_us"],
     }
     ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
     print(f"median steady tokens/s: bare {format_rate(bare_rate)}, stalwart {format_rate(stalwart_rate)}, "
           f"ratio stalwart/bare {ratio_text} (target >= 0.98)")
+    print("ratio per round: " + ", ".join(f"{value:.3f}" for value in round_ratios))
     extras = results["host_extras_us"]
     parts = ", ".join(f"{name} {micros:.0f}" for name, micros in extras.items())
     line = f"host extras of Stalwart's rank 0, us per step: {parts}"

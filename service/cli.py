@@ -68,6 +68,10 @@ def command_train(args: argparse.Namespace) -> int:
         return 1
     for line in summary.lines():
         print(line)
+    if summary.stopped:
+        from service.driver import EXIT_STOPPED
+
+        return EXIT_STOPPED
     return 0
 
 

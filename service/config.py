@@ -7,6 +7,7 @@ subclass and no field is ever evaluated as code.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -129,9 +130,44 @@ class ParallelSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: PositiveInt = Field(2, description="Training workers (ranks).")
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
+        2,
+        description="Training workers (ranks): a number, or [min, max] for an elastic run that shrinks when "
+        "nodes are lost and grows back when capacity returns.",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resize_check_interval_s: float = Field(
+        60.0, gt=0, description="Elastic runs: seconds between checks for capacity to grow the worker group."
+    )
+    worker_group_start_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Seconds Ray Train waits for a worker group to start before it retries, smaller if elastic. "
+        "Ray's own default is 60; a lower value shrinks sooner when a node is really gone.",
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _check_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"scaling.num_workers={list(value)} has min > max; write it as [min, max]")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def world_sizes(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class CheckpointSection(Section):
@@ -172,10 +208,49 @@ class StabilitySection(Section):
     event_window_steps: PositiveInt = 1000
 
 
+class FaultToleranceSection(Section):
+    hang_timeout_s: float | None = Field(
+        None, gt=0,
+        description="Abort the attempt when no step completes for this many seconds; None derives it from "
+        "the observed step time (hang_timeout_step_multiple x the median, at least hang_timeout_floor_s).",
+    )
+    hang_timeout_floor_s: float = Field(300.0, gt=0, description="Smallest derived hang timeout, and the timeout before the first step.")
+    hang_timeout_step_multiple: float = Field(20.0, gt=1)
+    straggler_factor: float = Field(1.5, gt=1, description="A rank whose busy time per step exceeds this multiple of the median is a straggler.")
+    straggler_intervals: PositiveInt = Field(3, description="Consecutive logging intervals a rank must be slow before it is flagged.")
+    stop_grace_s: float = Field(
+        120.0, gt=0,
+        description="After SIGTERM the driver asks the workers to save and stop; past this many seconds it exits anyway.",
+    )
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """Process-group timeout: never longer than the watchdog would wait."""
+        return self.hang_timeout_s if self.hang_timeout_s is not None else self.hang_timeout_floor_s
+
+
 class KillFault(Section):
     kind: Literal["kill"] = "kill"
     rank: NonNegativeInt
     step: PositiveInt
+
+
+class HangFault(Section):
+    """Block rank ``rank`` at ``step`` for ``seconds`` (the hang watchdog should act first)."""
+
+    kind: Literal["hang"] = "hang"
+    rank: NonNegativeInt
+    step: PositiveInt
+    seconds: float = Field(3600.0, gt=0)
+
+
+class SlowFault(Section):
+    """Delay rank ``rank`` by ``seconds`` on every step from ``step`` on (a straggler)."""
+
+    kind: Literal["slow"] = "slow"
+    rank: NonNegativeInt
+    step: PositiveInt
+    seconds: float = Field(0.5, gt=0)
 
 
 class SpikeFault(Section):
@@ -199,27 +274,41 @@ class Config(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     stability: StabilitySection = Field(default_factory=StabilitySection)
-    faults: list[Annotated[KillFault | SpikeFault, Field(discriminator="kind")]] = Field(
+    fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
+    faults: list[Annotated[KillFault | HangFault | SlowFault | SpikeFault, Field(discriminator="kind")]] = Field(
         default_factory=list, description="Faults to inject, each fired once per run."
     )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "Config":
-        world_size = self.scaling.num_workers
-        per_step = self.train.micro_batch * world_size
-        if self.train.global_batch % per_step:
-            raise ValueError(
-                f"train.global_batch={self.train.global_batch} is not divisible by "
-                f"train.micro_batch x scaling.num_workers = {self.train.micro_batch} x {world_size} = {per_step}; "
-                f"set train.global_batch to a multiple of {per_step} or change train.micro_batch"
-            )
+        world_size = self.scaling.max_workers
+        if not self.scaling.elastic:
+            per_step = self.train.micro_batch * world_size
+            if self.train.global_batch % per_step:
+                raise ValueError(
+                    f"train.global_batch={self.train.global_batch} is not divisible by "
+                    f"train.micro_batch x scaling.num_workers = {self.train.micro_batch} x {world_size} = {per_step}; "
+                    f"set train.global_batch to a multiple of {per_step} or change train.micro_batch"
+                )
+        else:
+            # The global batch stays constant at every world size, so each size in the range must split it.
+            unsplittable = [size for size in self.scaling.world_sizes if self.train.global_batch % (self.train.micro_batch * size)]
+            if unsplittable:
+                fitting = [size for size in self.scaling.world_sizes if size not in unsplittable]
+                raise ValueError(
+                    f"train.global_batch={self.train.global_batch} cannot be split into micro-batches of "
+                    f"train.micro_batch={self.train.micro_batch} at world sizes {unsplittable} of scaling.num_workers="
+                    f"{list(self.scaling.num_workers)}; restrict the range to sizes that divide it ({fitting or 'none'}), "
+                    f"or choose train.global_batch as a multiple of micro_batch x every size (for example "
+                    f"{self.train.micro_batch * _lcm(*self.scaling.world_sizes)})"
+                )
         if self.schedule.warmup_steps > self.train.steps:
             raise ValueError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.steps={self.train.steps}; "
                 "lower schedule.warmup_steps"
             )
         for fault in self.faults:
-            if isinstance(fault, KillFault) and fault.rank >= world_size:
+            if isinstance(fault, (KillFault, HangFault, SlowFault)) and fault.rank >= world_size:
                 raise ValueError(
                     f"faults: rank={fault.rank} does not exist with scaling.num_workers={world_size}; "
                     f"use a rank below {world_size}"
@@ -233,8 +322,16 @@ class Config(Section):
 
     @property
     def grad_accum_steps(self) -> int:
-        """Micro-batches per rank per optimizer step."""
-        return self.train.global_batch // (self.train.micro_batch * self.scaling.num_workers)
+        """Micro-batches per rank per optimizer step at the largest world size."""
+        return self.grad_accum_steps_at(self.scaling.max_workers)
+
+    def grad_accum_steps_at(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step at ``world_size`` (the global batch is constant)."""
+        return self.train.global_batch // (self.train.micro_batch * world_size)
+
+
+def _lcm(*numbers: int) -> int:
+    return math.lcm(*numbers)
 
 
 def _format_location(location: tuple[Any, ...]) -> str:
@@ -258,7 +355,7 @@ def _fix_hint(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return "use one of the values listed"
     if kind in {"union_tag_not_found", "union_tag_invalid"}:
-        return "give each fault a kind: 'kill' (with rank and step) or 'spike' (with step and factor)"
+        return "give each fault a kind: kill, hang or slow (with rank and step), or spike (with step and factor)"
     if kind == "string_pattern_mismatch":
         return "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
     return "see the message for the allowed values"

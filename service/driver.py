@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.catalog import list_checkpoints
 from service.config import Config, ConfigError, redact_secrets
+from service.goodput import PARTS as GOODPUT_PARTS
 from service.metrics import MetricsActor, metrics_actor_name
 from service.prepare import prepare_dataset
 from service.storage import absolute_uri, filesystem, is_local, join, read_json
@@ -22,6 +28,9 @@ from workers.reporting import final_losses, read_history
 from workers.train_loop import ABORT_FILE, train_func
 
 logger = logging.getLogger(__name__)
+
+# Exit status of a run stopped by SIGTERM before its last step (128 + SIGTERM, the shell convention).
+EXIT_STOPPED = 143
 
 # Environment the driver passes to the training workers (Ray propagates RAY_TRAIN_* itself).
 WORKER_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -41,6 +50,8 @@ class RunSummary:
     skipped_steps: int
     committed_steps: list[int]
     events: list[dict[str, Any]]
+    goodput: dict[str, float]
+    stopped: bool  # ended early on a stop request; the same command resumes it
 
     def lines(self) -> list[str]:
         rate = self.tokens / self.wall_s if self.wall_s > 0 else 0.0
@@ -49,6 +60,8 @@ class RunSummary:
         return [
             f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f} s ({rate:,.0f} tokens/s)",
             f"  loss {loss}; restarts {self.restarts}; skipped steps {self.skipped_steps}",
+            "  goodput {:.1%}: ".format(self.goodput.get("productive", 0.0) / max(self.goodput.get("total", 0.0), 1e-9))
+            + ", ".join(f"{part} {self.goodput.get(part, 0.0):.1f} s" for part in GOODPUT_PARTS),
             f"  committed checkpoints at steps: {committed}",
             f"  stability events: {len(self.events) or 'none'}",
             *(
@@ -57,6 +70,7 @@ class RunSummary:
                 for event in self.events[:20]
             ),
             f"  storage: {self.run_uri}",
+            *(["  stopped early on request; run the same command to resume"] if self.stopped else []),
         ]
 
 
@@ -84,11 +98,11 @@ def check_against_cluster(config: Config, local_cluster: bool) -> None:
     if not local_cluster:
         return
     available = ray.cluster_resources().get("CPU", 0)
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
+    needed = config.scaling.min_workers * config.scaling.cpus_per_worker
     if needed > available:
         raise ConfigError(
-            f"scaling.num_workers x scaling.cpus_per_worker = {needed:g} CPUs, but the local Ray cluster has "
-            f"{available:g}; lower scaling.num_workers or scaling.cpus_per_worker"
+            f"scaling.num_workers (minimum {config.scaling.min_workers}) x scaling.cpus_per_worker = {needed:g} CPUs, "
+            f"but the local Ray cluster has {available:g}; lower scaling.num_workers or scaling.cpus_per_worker"
         )
 
 
@@ -118,19 +132,46 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def start_metrics(config: Config) -> Any | None:
-    if not config.metrics.enabled:
-        return None
+def start_metrics(config: Config) -> Any:
+    """Start the run's actor on this node: it serves metrics (when enabled) and carries stop requests."""
     actor = MetricsActor.options(
         name=metrics_actor_name(config.run.name),
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(config.run.name, config.metrics.host, config.metrics.port)
+    ).remote(config.run.name, config.metrics.host, config.metrics.port, serve=config.metrics.enabled)
     host, port = ray.get(actor.address.remote())
-    logger.info("metrics at http://%s:%d/metrics", host, port)
+    if port is not None:
+        logger.info("metrics at http://%s:%d/metrics", host, port)
     return actor
 
 
-def summarize(config: Config, run_uri: str, wall_s: float, restarts: int) -> RunSummary:
+@contextlib.contextmanager
+def stop_on_sigterm(config: Config, metrics_actor: Any) -> Iterator[None]:
+    """On SIGTERM, ask the workers to save and stop; exit anyway after ``fault_tolerance.stop_grace_s``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        grace_s = config.fault_tolerance.stop_grace_s
+        logger.warning("SIGTERM: asking the workers to save a checkpoint and stop (grace %.0f s)", grace_s)
+        metrics_actor.request_stop.remote()
+
+        def give_up() -> None:
+            logger.error("workers did not stop within fault_tolerance.stop_grace_s=%.0f s; exiting", grace_s)
+            os._exit(EXIT_STOPPED)
+
+        timer = threading.Timer(grace_s, give_up)
+        timer.daemon = True
+        timer.start()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodput: dict[str, float]) -> RunSummary:
     records = read_history(run_uri, config.storage.options)
     losses = final_losses(records)
     steps = sorted(losses)
@@ -148,11 +189,16 @@ def summarize(config: Config, run_uri: str, wall_s: float, restarts: int) -> Run
         skipped_steps=sum(record["skipped"] for record in latest_by_step.values()),
         committed_steps=committed,
         events=[event for record in records for event in record.get("events", [])],
+        goodput=goodput,
+        stopped=(steps[-1] if steps else 0) < config.train.steps,
     )
 
 
 def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_id: str | None) -> TorchTrainer:
     storage_path, storage_filesystem = ray_storage(config)
+    # Read by the Ray Train controller: how long a worker group may take to start before Ray
+    # retries (and, for an elastic run, retries smaller). A user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(config.scaling.worker_group_start_timeout_s))
     loop_config = {
         "config": config.model_dump(mode="json"),
         "saved_config": redact_secrets(config.model_dump(mode="json")),
@@ -166,9 +212,17 @@ def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        # Collectives time out no later than the hang watchdog fires.
+        torch_config=TorchConfig(
+            backend="nccl" if config.scaling.use_gpu else "gloo",
+            timeout_s=int(math.ceil(config.fault_tolerance.collective_timeout_s)),
+        ),
         scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources
+            num_workers=(config.scaling.min_workers, config.scaling.max_workers) if config.scaling.elastic
+            else config.scaling.max_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=config.scaling.resize_check_interval_s,
         ),
         run_config=RunConfig(
             name=config.run.name,
@@ -210,9 +264,13 @@ def run_training(config: Config, address: str | None = None, metrics_actor: Any 
     check_against_cluster(config, local_cluster)
     if metrics_actor is None:
         metrics_actor = start_metrics(config)
-    trainer = build_trainer(config, run_uri, dataset_uri, metrics_actor_name(config.run.name) if metrics_actor else None)
-    logger.info("run %s: %d workers, storage %s", config.run.name, config.scaling.num_workers, run_uri)
-    trainer.fit()
+    # Steps earlier driver sessions ran count as recomputed if this session runs them again.
+    ray.get(metrics_actor.mark_known_steps.remote(sorted(final_losses(read_history(run_uri, config.storage.options)))))
+    trainer = build_trainer(config, run_uri, dataset_uri, metrics_actor_name(config.run.name))
+    logger.info("run %s: %s workers, storage %s", config.run.name, config.scaling.num_workers, run_uri)
+    with stop_on_sigterm(config, metrics_actor):
+        trainer.fit()
 
-    restarts = ray.get(metrics_actor.restarts.remote()) if metrics_actor is not None else 0
-    return summarize(config, run_uri, time.monotonic() - started, restarts)
+    restarts = ray.get(metrics_actor.restarts.remote())
+    goodput = ray.get(metrics_actor.goodput_parts.remote())
+    return summarize(config, run_uri, time.monotonic() - started, restarts, goodput)

@@ -2,6 +2,7 @@
 
 The actor outlives worker-group restarts, so counters such as restarts keep
 counting across attempts. Workers send it one update per logging interval.
+It also carries the driver's stop request (set on SIGTERM) to the workers.
 Names follow Prometheus conventions: snake_case, unit suffixes, and counters
 declared without ``_total`` because prometheus-client appends it once.
 Labels are bounded: ``run`` only, never a step or a path.
@@ -15,6 +16,8 @@ from typing import Any
 
 import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.goodput import PARTS, GoodputTracker
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,12 @@ CHECKPOINT_SAVE_SECONDS = f"{METRIC_PREFIX}_checkpoint_save_seconds"  # histogra
 LAST_COMMITTED_STEP = f"{METRIC_PREFIX}_last_committed_step"
 WORLD_SIZE = f"{METRIC_PREFIX}_world_size"
 STABILITY_EVENTS = f"{METRIC_PREFIX}_stability_events"  # counter, labels detector and action
+HANGS = f"{METRIC_PREFIX}_hangs"  # counter
+RANK_BUSY_SECONDS = f"{METRIC_PREFIX}_rank_busy_seconds"  # gauge, label rank
+STRAGGLER = f"{METRIC_PREFIX}_straggler"  # gauge 0/1, label rank
+GOODPUT_RATIO = f"{METRIC_PREFIX}_goodput_ratio"
+WALL_SECONDS = f"{METRIC_PREFIX}_wall_seconds"  # gauge, label part
+RESTART_CAUSES = ("failure", "hang")
 
 SAVE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -49,7 +58,22 @@ class RunMetrics:
         self.tokens_per_second = Gauge(TOKENS_PER_SECOND, "Training throughput over the last logging interval.", labels, registry=self.registry)
         self.tokens = Counter(TOKENS, "Tokens trained on, counted once per completed step.", labels, registry=self.registry)
         self.skipped_steps = Counter(SKIPPED_STEPS, "Optimizer steps not applied: skipped for a spike or non-finite value, rolled back, or float16 overflow.", labels, registry=self.registry)
-        self.restarts = Counter(RESTARTS, "Worker-group restarts after a failure.", labels, registry=self.registry)
+        self.restarts = Counter(
+            RESTARTS, "Worker-group restarts by cause: hang (the watchdog fired) or failure (any other).",
+            ["run", "cause"], registry=self.registry,
+        )
+        self.hangs = Counter(HANGS, "Hangs detected by the watchdog.", labels, registry=self.registry)
+        self.rank_busy_seconds = Gauge(
+            RANK_BUSY_SECONDS, "Mean busy time per step of each rank over the last logging interval "
+            "(step time less the wait in the step's first collective).", ["run", "rank"], registry=self.registry,
+        )
+        self.straggler = Gauge(STRAGGLER, "1 while a rank is flagged as a straggler.", ["run", "rank"], registry=self.registry)
+        self.goodput_ratio = Gauge(GOODPUT_RATIO, "Productive step time over wall time of this driver session.", labels,
+                                   registry=self.registry)
+        self.wall_seconds = Gauge(
+            WALL_SECONDS, "Wall time of this driver session by part: productive, recomputed, recovery, checkpoint, "
+            "startup, other.", ["run", "part"], registry=self.registry,
+        )
         self.checkpoint_save_seconds = Histogram(
             CHECKPOINT_SAVE_SECONDS, "Wall time of a checkpoint save, commit included.", labels,
             buckets=SAVE_SECONDS_BUCKETS, registry=self.registry,
@@ -62,17 +86,26 @@ class RunMetrics:
         )
         # Create every labelled series now, so counters read 0 instead of being absent.
         for family in (self.step, self.loss, self.learning_rate, self.grad_norm, self.tokens_per_second, self.tokens,
-                       self.skipped_steps, self.restarts, self.checkpoint_save_seconds, self.last_committed_step,
-                       self.world_size):
+                       self.skipped_steps, self.checkpoint_save_seconds, self.last_committed_step,
+                       self.world_size, self.hangs, self.goodput_ratio):
             family.labels(run_name)
+        for cause in RESTART_CAUSES:
+            self.restarts.labels(run_name, cause)
+        for part in PARTS:
+            self.wall_seconds.labels(run_name, part)
         self.restart_count = 0
+        self.goodput = GoodputTracker(started_at=time.time())
+        self._hang_since_last_attempt = False
+        self._stop_requested = False
         self._attempts_seen: set[int] = set()
 
     def record_attempt(self, attempt: int, world_size: int) -> None:
         """Count a restart for every new attempt after the first one this driver saw."""
         if self._attempts_seen and attempt not in self._attempts_seen:
-            self.restarts.labels(self.run_name).inc()
+            cause = "hang" if self._hang_since_last_attempt else "failure"
+            self.restarts.labels(self.run_name, cause).inc()
             self.restart_count += 1
+        self._hang_since_last_attempt = False
         self._attempts_seen.add(attempt)
         self.world_size.labels(self.run_name).set(world_size)
 
@@ -88,6 +121,26 @@ class RunMetrics:
             self.skipped_steps.labels(run).inc(update["skipped_steps"])
         for event in update.get("events", []):
             self.stability_events.labels(run, event["detector"], event["action"]).inc()
+        for attempt, step, end_time, duration_s in update.get("steps", []):
+            self.goodput.add_step(attempt=attempt, step=step, end_time=end_time, duration_s=duration_s)
+        self.goodput.add_checkpoint(update.get("checkpoint_s", 0.0))
+        self.update_goodput()
+
+    def update_goodput(self) -> None:
+        now = time.time()
+        for part, seconds in self.goodput.parts(now).items():
+            if part in PARTS:
+                self.wall_seconds.labels(self.run_name, part).set(seconds)
+        self.goodput_ratio.labels(self.run_name).set(self.goodput.goodput(now))
+
+    def record_hang(self) -> None:
+        self.hangs.labels(self.run_name).inc()
+        self._hang_since_last_attempt = True
+
+    def record_rank_times(self, busy_seconds: list[float], stragglers: list[int]) -> None:
+        for rank, seconds in enumerate(busy_seconds):
+            self.rank_busy_seconds.labels(self.run_name, str(rank)).set(seconds)
+            self.straggler.labels(self.run_name, str(rank)).set(1 if rank in stragglers else 0)
 
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.checkpoint_save_seconds.labels(self.run_name).observe(save_seconds)
@@ -98,14 +151,14 @@ class RunMetrics:
 class MetricsActor:
     """Serves ``RunMetrics`` over HTTP for Prometheus to scrape."""
 
-    def __init__(self, run_name: str, host: str, port: int):
+    def __init__(self, run_name: str, host: str, port: int, serve: bool = True):
         self.metrics = RunMetrics(run_name)
-        server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
-        self.host = host
-        self.port = server.server_port
-        self.started_at = time.time()
+        self.host, self.port = host, None
+        if serve:
+            server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self.port = server.server_port
 
-    def address(self) -> tuple[str, int]:
+    def address(self) -> tuple[str, int | None]:
         return self.host, self.port
 
     def record_attempt(self, attempt: int, world_size: int) -> None:
@@ -116,6 +169,25 @@ class MetricsActor:
 
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.metrics.record_checkpoint(step, save_seconds)
+
+    def record_hang(self) -> None:
+        self.metrics.record_hang()
+
+    def record_rank_times(self, busy_seconds: list[float], stragglers: list[int]) -> None:
+        self.metrics.record_rank_times(busy_seconds, stragglers)
+
+    def mark_known_steps(self, steps: list[int]) -> None:
+        self.metrics.goodput.mark_known_steps(set(steps))
+
+    def request_stop(self) -> None:
+        self.metrics._stop_requested = True
+
+    def stop_requested(self) -> bool:
+        return self.metrics._stop_requested
+
+    def goodput_parts(self) -> dict[str, float]:
+        self.metrics.update_goodput()
+        return self.metrics.goodput.parts(time.time())
 
     def restarts(self) -> int:
         return self.metrics.restart_count

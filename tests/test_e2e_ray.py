@@ -113,7 +113,11 @@ def test_clean_run_exports_metrics(clean_run):
     assert "stalwart_tokens_total" in token_samples
     assert families["stalwart_last_committed_step"].samples[0].value == STEPS
     assert "stalwart_checkpoint_save_seconds" in families
-    assert families["stalwart_restarts"].samples[0].value == 0
+    restarts = {sample.labels["cause"]: sample.value for sample in families["stalwart_restarts"].samples
+                if sample.name == "stalwart_restarts_total"}
+    assert restarts == {"failure": 0, "hang": 0}
+    goodput = families["stalwart_goodput_ratio"].samples[0].value
+    assert 0 < goodput < 1
 
 
 def test_killed_run_finishes(killed_run):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from service.config import Config, KillFault, SpikeFault
+from service.config import Config, HangFault, KillFault, SlowFault, SpikeFault
 from service.storage import filesystem, join, write_json
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,30 @@ def fire_kill_faults(config: Config, run_uri: str, storage_options: dict[str, An
         logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", world_rank, os.getpid(), step)
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fire_hang_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:
+    """Block this rank for the fault's duration if a hang fault is due here (once per run)."""
+    for fault in config.faults:
+        if not isinstance(fault, HangFault) or fault.rank != world_rank or fault.step != step:
+            continue
+        fs = filesystem(run_uri, storage_options)
+        marker = _marker(run_uri, f"hang-rank{fault.rank}-step{fault.step}")
+        if fs.exists(marker):
+            continue
+        write_json(fs, marker, {"kind": "hang", "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
+        logger.warning("fault injection: rank %d hangs for up to %.0f s at step %d", world_rank, fault.seconds, step)
+        deadline = time.monotonic() + fault.seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def slow_fault_delay_s(config: Config, step: int, world_rank: int) -> float:
+    """Return the delay a slow fault adds to this rank's step (0.0 when none applies)."""
+    return sum(
+        fault.seconds for fault in config.faults
+        if isinstance(fault, SlowFault) and fault.rank == world_rank and step >= fault.step
+    )
 
 
 def spike_multiplier(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> float:

@@ -34,6 +34,8 @@ class StepRecord:
     time: float
     action: str = "step"  # step, skip, rollback or overflow
     events: list[dict[str, Any]] = field(default_factory=list)
+    duration_s: float = 0.0  # compute and update time of the step, checkpoint save excluded
+    checkpoint_s: float = 0.0  # time the step loop was blocked saving a checkpoint after this step
 
 
 def attempt_dir_name(attempt: int) -> str:
@@ -87,10 +89,18 @@ class ProgressReporter:
                     "step": last.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
                     "tokens_per_second": tokens_per_second, "tokens": tokens, "skipped_steps": skipped,
                     "events": events,
+                    "steps": [[record.attempt, record.step, record.time, record.duration_s] for record in records],
+                    "checkpoint_s": sum(record.checkpoint_s for record in records),
                 }
             )
 
+    @property
+    def last_loss(self) -> float:
+        return self._records[-1].loss if self._records else float("nan")
+
     def checkpoint_saved(self, step: int, save_seconds: float) -> None:
+        if self._records and self._records[-1].step == step:
+            self._records[-1].checkpoint_s += save_seconds
         logger.info("run=%s attempt=%d step=%d checkpoint committed in %.2f s", self.run_name, self.attempt, step, save_seconds)
         if self._metrics_actor is not None:
             self._metrics_actor.record_checkpoint.remote(step, save_seconds)

@@ -9,6 +9,7 @@ gives the same gradient.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ def forward_backward(
     *,
     loss_multiplier: float = 1.0,
     backward_scale: float = 1.0,
+    flags: Sequence[float] = (),
+    timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Accumulate gradients over this rank's micro-batches; return (global loss sum, global target tokens).
 
@@ -54,9 +57,19 @@ def forward_backward(
     ``backward_scale`` scales only what is backpropagated (float16 loss
     scaling), so the returned loss is unaffected by it. Gradient reduction
     across ranks runs only on the last micro-batch.
+
+    ``flags`` ride along with the token count in the step's first collective;
+    their sums over ranks land in ``timings["flags"]`` when ``timings`` is given,
+    with the seconds this rank waited in that collective in ``timings["sync_wait_s"]``.
     """
     local_tokens = sum(batch.num_target_tokens for batch in micro_batches)
-    global_tokens = int(_all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=device)).item())
+    counts = torch.tensor([local_tokens, *flags], dtype=torch.float64, device=device)
+    wait_started = time.perf_counter()
+    counts = _all_reduce_sum(counts).tolist()
+    if timings is not None:
+        timings["sync_wait_s"] = time.perf_counter() - wait_started
+        timings["flags"] = counts[1:]
+    global_tokens = int(counts[0])
     if global_tokens == 0:
         raise ValueError("the global batch has no target tokens; check the data and model.seq_len")
 
@@ -116,10 +129,13 @@ def compute_gradients(
     fsdp_units: Sequence[FSDPModule] = (),
     loss_multiplier: float = 1.0,
     loss_scale: float = 1.0,
+    flags: Sequence[float] = (),
+    timings: dict[str, float] | None = None,
 ) -> Gradients:
     """Run forward and backward for the step and read the global loss and grad norm (one host sync)."""
     loss_sum, global_tokens = forward_backward(
-        model, micro_batches, device, fsdp_units, loss_multiplier=loss_multiplier, backward_scale=loss_scale
+        model, micro_batches, device, fsdp_units, loss_multiplier=loss_multiplier, backward_scale=loss_scale,
+        flags=flags, timings=timings,
     )
     norm = gradient_norm(model)
     values = torch.stack([loss_sum / global_tokens, norm.to(loss_sum.dtype) / loss_scale]).tolist()

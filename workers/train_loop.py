@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +26,22 @@ from service.config import Config
 from service.storage import filesystem, join, read_json, write_json
 from workers.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_rank_rng
 from workers.data import SampleOrder, TokenDataset, rank_micro_batches
-from workers.faults import fire_kill_faults, spike_multiplier
+from workers.faults import fire_hang_faults, fire_kill_faults, slow_fault_delay_s, spike_multiplier
 from workers.model import ModelArgs, build_model
 from workers.parallel import apply_fsdp
 from workers.reporting import ProgressReporter, StepRecord
 from workers.schedule import lr_multiplier
 from workers.stability import DataSkips, DetectorSettings, DynamicLossScaler, SpikeAbort, SpikeMonitor, StabilityEvent
 from workers.step import apply_update, compute_gradients
+from workers.watchdog import HangWatchdog, kill_this_process
 
 logger = logging.getLogger(__name__)
 
 ATTEMPTS_DIR = "attempts"
 DATA_SKIPS_FILE = "data_skips.json"
 ABORT_FILE = "ABORTED.json"
+HANGS_DIR = "hangs"
+STOP_POLL_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,16 @@ class Trainer:
                                                  growth_interval=config.parallel.loss_scale_growth_interval)
         self.train_state = TrainState()
         self.data_skips = DataSkips()
+        self.last_saved_step = 0
+        self.stop_requested = threading.Event()
+        self.slow_intervals: dict[int, int] = {}
+        self.busy_times_s: list[float] = []
+        tolerance = config.fault_tolerance
+        self.watchdog = HangWatchdog(
+            fixed_timeout_s=tolerance.hang_timeout_s, floor_s=tolerance.hang_timeout_floor_s,
+            step_multiple=tolerance.hang_timeout_step_multiple, on_hang=self.on_hang,
+        )
+        self.current_step = 0
         self.reporter = None
         if self.is_rank0:
             self.reporter = ProgressReporter(
@@ -190,6 +205,56 @@ class Trainer:
         if self.fs.exists(marker):
             reason = read_json(self.fs, marker).get("reason", "")
             raise SpikeAbort(f"run {self.config.run.name} was aborted earlier: {reason}. Delete {marker} to resume it")
+
+    # Hangs, stragglers and stop requests.
+
+    def on_hang(self, stalled_s: float, timeout_s: float) -> None:
+        """Called by the watchdog thread: record the hang, then end this rank."""
+        reason = (f"run={self.config.run.name} attempt={self.attempt} rank={self.context.world_rank} "
+                  f"step={self.current_step + 1} hang detected: no step completed for {stalled_s:.0f} s "
+                  f"(timeout {timeout_s:.0f} s)")
+        try:
+            write_json(self.fs, join(self.run_uri, HANGS_DIR, f"attempt-{self.attempt:04d}-rank-{self.context.world_rank:05d}.json"),
+                       {"attempt": self.attempt, "rank": self.context.world_rank, "step": self.current_step + 1,
+                        "stalled_s": stalled_s, "timeout_s": timeout_s, "detected_at": time.time()})
+        except OSError as error:  # the restart matters more than the record
+            logger.warning("could not record the hang in storage: %s", error)
+        if self.metrics_actor is not None:
+            self.metrics_actor.record_hang.remote()
+        kill_this_process(reason)
+
+    def poll_stop_requests(self) -> None:
+        """Rank 0 thread: watch the driver's stop flag (set on SIGTERM) without blocking the step loop."""
+        while not self.stop_requested.is_set():
+            try:
+                if ray.get(self.metrics_actor.stop_requested.remote(), timeout=30):
+                    self.stop_requested.set()
+                    return
+            except (ray.exceptions.RayError, TimeoutError):
+                return  # the driver is gone; Ray Train ends this attempt anyway
+            time.sleep(STOP_POLL_INTERVAL_S)
+
+    def check_stragglers(self) -> None:
+        """Gather each rank's mean busy time over the interval; flag ranks that stay well above the median."""
+        local = torch.tensor([statistics.fmean(self.busy_times_s) if self.busy_times_s else 0.0], dtype=torch.float64)
+        self.busy_times_s = []
+        gathered = [torch.zeros_like(local) for _ in range(self.context.world_size)]
+        dist.all_gather(gathered, local)
+        if not self.is_rank0:
+            return
+        busy = [float(item.item()) for item in gathered]
+        median = statistics.median(busy)
+        factor = self.config.fault_tolerance.straggler_factor
+        flagged = []
+        for rank, seconds in enumerate(busy):
+            slow = median > 0 and seconds > factor * median
+            self.slow_intervals[rank] = self.slow_intervals.get(rank, 0) + 1 if slow else 0
+            if self.slow_intervals[rank] >= self.config.fault_tolerance.straggler_intervals:
+                flagged.append(rank)
+                self.log(logging.WARNING, "step=%d straggler: rank %d busy %.3f s per step, median %.3f s (factor %.1f)",
+                         self.current_step, rank, seconds, median, factor)
+        if self.metrics_actor is not None:
+            self.metrics_actor.record_rank_times.remote(busy, flagged)
 
     # Resume and rollback.
 
@@ -272,11 +337,24 @@ class Trainer:
     def run_step(self, step: int) -> tuple[str, float, float, int, list[StabilityEvent]]:
         """Compute one step and apply the stability decision; return (action, loss, grad norm, tokens, events)."""
         config = self.config
+        started = time.perf_counter()
         fire_kill_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
+        fire_hang_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
+        delay_s = slow_fault_delay_s(config, step, self.context.world_rank)
+        if delay_s:
+            time.sleep(delay_s)
         multiplier = spike_multiplier(config, self.run_uri, self.storage_options, step, self.context.world_rank)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        timings: dict[str, Any] = {}
         gradients = compute_gradients(self.model, self.micro_batches(step), device=self.context.device,
-                                      fsdp_units=self.fsdp_units, loss_multiplier=multiplier, loss_scale=scale)
+                                      fsdp_units=self.fsdp_units, loss_multiplier=multiplier, loss_scale=scale,
+                                      flags=[float(self.stop_requested.is_set())], timings=timings)
+        # Any rank's stop request reaches every rank through the step's first collective.
+        if timings["flags"][0] > 0:
+            self.stop_requested.set()
+        # NOTE: busy time leaves out only the wait in the step's first collective, so it catches
+        # ranks that are late to start a step (slow data, host stalls), not slow kernels inside it.
+        self.busy_times_s.append(time.perf_counter() - started - timings["sync_wait_s"])
 
         if self.loss_scaler is not None and not math.isfinite(gradients.grad_norm) and math.isfinite(gradients.loss):
             # A float16 overflow: lower the scale and skip, counted apart from spikes.
@@ -302,15 +380,21 @@ class Trainer:
         self.train_state.data_skips = self.data_skips.to_list()
         self.train_state.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
         checkpoint_id = checkpoint_uri(self.run_uri, step)
-        save_seconds = save_checkpoint(
+        with self.watchdog.paused():
+            save_seconds = self._save_checkpoint(checkpoint_id, step, loss)
+        self.last_saved_step = step
+        if self.reporter is not None:
+            self.reporter.checkpoint_saved(step, save_seconds)
+        report_checkpoint_to_ray(step, checkpoint_id, {"loss": loss, "tokens_seen": self.train_state.tokens_seen})
+
+    def _save_checkpoint(self, checkpoint_id: str, step: int, loss: float) -> float:
+        config = self.config
+        return save_checkpoint(
             checkpoint_id, model=self.model, optimizer=self.optimizer, train_state=self.train_state,
             run_uri=self.run_uri, config=self.saved_config, world_rank=self.context.world_rank,
             world_size=self.context.world_size, storage_options=self.storage_options,
             keep_last=config.checkpoint.keep_last, extra={"loss": loss, "attempt": self.attempt},
         )
-        if self.reporter is not None:
-            self.reporter.checkpoint_saved(step, save_seconds)
-        report_checkpoint_to_ray(step, checkpoint_id, {"loss": loss, "tokens_seen": self.train_state.tokens_seen})
 
     def abort(self, error: SpikeAbort, step: int) -> None:
         if self.is_rank0:
@@ -320,46 +404,89 @@ class Trainer:
     def train(self) -> None:
         config = self.config
         self.resume()
-        last_saved_step = self.train_state.step
+        self.last_saved_step = self.train_state.step
+        self.watchdog.start()
+        if self.is_rank0 and self.metrics_actor is not None:
+            threading.Thread(target=self.poll_stop_requests, name="stalwart-stop-poller", daemon=True).start()
         step = self.train_state.step
-        while step < config.train.steps:
-            step += 1
-            try:
-                action, loss, grad_norm, tokens, events = self.run_step(step)
-            except SpikeAbort as error:
-                self.abort(error, step)
-                raise
+        try:
+            while step < config.train.steps:
+                step = self.train_one(step + 1)
+                if self.stop_requested.is_set():
+                    self.stop(step)
+                    return
+        finally:
+            self.watchdog.stop()
 
-            if action == "rollback" and self.rollback(step):
-                if self.reporter is not None:
-                    self.reporter.add(self.record(step, loss, grad_norm, tokens, "rollback", events))
-                    self.reporter.flush()
-                step = self.train_state.step
-                continue
-
-            self.train_state.step = step
-            self.train_state.tokens_seen += tokens
-            self.train_state.skipped_steps += int(action in ("skip", "rollback"))
-            self.train_state.overflow_steps += int(action == "overflow")
-            if self.reporter is not None:
-                self.reporter.add(self.record(step, loss, grad_norm, tokens, action, events))
-                if step % config.train.log_every == 0 or step == config.train.steps:
-                    self.reporter.flush()
-
-            every = config.checkpoint.every_steps
-            if (every is not None and step % every == 0) or (config.checkpoint.save_final and step == config.train.steps):
-                self.save(step, loss)
-                last_saved_step = step
-
-        if last_saved_step != config.train.steps:
+        if self.last_saved_step != config.train.steps:
             # Tell Ray Train the run finished even when the last step was not saved.
             ray.train.report({"step": self.train_state.step, "tokens_seen": self.train_state.tokens_seen})
 
+    def train_one(self, step: int) -> int:
+        """Run step ``step`` with its bookkeeping; return the step the loop has reached (lower after a rollback)."""
+        config = self.config
+        self.current_step = step - 1
+        started = time.perf_counter()
+        try:
+            action, loss, grad_norm, tokens, events = self.run_step(step)
+        except SpikeAbort as error:
+            self.abort(error, step)
+            raise
+        duration_s = time.perf_counter() - started
+        self.watchdog.step_done(duration_s)
+
+        if action == "rollback":
+            with self.watchdog.paused():
+                rolled_back = self.rollback(step)
+            if rolled_back:
+                if self.reporter is not None:
+                    self.reporter.add(self.record(step, loss, grad_norm, tokens, "rollback", events, duration_s))
+                    self.reporter.flush()
+                return self.train_state.step
+
+        self.train_state.step = step
+        self.current_step = step
+        self.train_state.tokens_seen += tokens
+        self.train_state.skipped_steps += int(action in ("skip", "rollback"))
+        self.train_state.overflow_steps += int(action == "overflow")
+        record = self.record(step, loss, grad_norm, tokens, action, events, duration_s)
+        if self.reporter is not None:
+            self.reporter.add(record)
+
+        every = config.checkpoint.every_steps
+        if (every is not None and step % every == 0) or (config.checkpoint.save_final and step == config.train.steps):
+            self.save(step, loss)
+
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            self.check_stragglers()
+            if self.preemption_imminent() and self.last_saved_step != step:
+                self.log(logging.WARNING, "step=%d a node of this worker group is being preempted: saving now", step)
+                self.save(step, loss)
+            if self.reporter is not None:
+                self.reporter.flush()
+        return step
+
+    def preemption_imminent(self) -> bool:
+        """Ask Ray Train whether a node of this group is being drained (spot reclaim, scale-down)."""
+        return ray.train.get_preemption_info() is not None
+
+    def stop(self, step: int) -> None:
+        """Save (unless this step is already saved) and return cleanly: the driver was asked to stop."""
+        if self.last_saved_step != step:
+            self.log(logging.WARNING, "step=%d stop requested (SIGTERM to the driver): saving a checkpoint", step)
+            self.save(step, self.reporter.last_loss if self.reporter is not None else float("nan"))
+        else:
+            self.log(logging.WARNING, "step=%d stop requested; the latest checkpoint is this step", step)
+        if self.reporter is not None:
+            self.reporter.flush()
+        ray.train.report({"step": step, "tokens_seen": self.train_state.tokens_seen, "stopped": True})
+
     def record(self, step: int, loss: float, grad_norm: float, tokens: int, action: str,
-               events: list[StabilityEvent]) -> StepRecord:
+               events: list[StabilityEvent], duration_s: float) -> StepRecord:
         return StepRecord(step=step, loss=loss, grad_norm=grad_norm, lr=self.learning_rate(step), tokens=tokens,
                           skipped=action != "step", action=action, events=[event.to_dict() for event in events],
-                          attempt=self.attempt, world_size=self.context.world_size, time=time.time())
+                          attempt=self.attempt, world_size=self.context.world_size, time=time.time(),
+                          duration_s=duration_s)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
