@@ -1,16 +1,23 @@
 """Bare FSDP2 training loop: the baseline that Stalwart's throughput is measured against.
 
-It runs the same work as a Stalwart worker: the model of workers/model.py, the
-FSDP wrapping of workers/parallel.py, the data order of workers/data.py over a
-dataset prepared by service/prepare.py, the optimizer of workers/train_loop.py,
-the LR schedule of workers/schedule.py and the step of workers/step.py. It has
-no Ray cluster, checkpoints, metrics or history files. Rank 0 prints one JSON
-line per step and a summary line:
+It runs the same work as a Stalwart worker, with the same code:
+
+- the model (workers/model.py) and its FSDP2 wrapping (workers/parallel.py);
+- the data order (workers/data.py) over a dataset prepared by service/prepare.py;
+- the optimizer (workers/train_loop.py) and the LR schedule (workers/schedule.py);
+- ``train_step`` (workers/step.py), which calls the gradient and update
+  functions a Stalwart worker calls.
+
+It has no Ray cluster, checkpoints, metrics, history files or spike monitor.
+Rank 0 prints one JSON line per step and a summary line:
 
     python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \\
         bench/bare_fsdp.py --config examples/tiny.yaml --set train.steps=20
 
-NOTE: importing workers/train_loop.py imports ``ray.train``; no Ray cluster
+The work stays equal to Stalwart's while Stalwart's spike monitor takes no
+action. It decides nothing in the first ``stability.window`` steps, and later a
+detected spike makes Stalwart skip or roll back a step where this loop applies
+it. Importing workers/train_loop.py imports ``ray.train``, but no Ray cluster
 is started or joined.
 """
 
@@ -85,9 +92,9 @@ def shared_dataset_uri(config: Config, world_rank: int) -> str:
 
 
 def steady_tokens_per_second(records: list[dict[str, Any]], warmup_steps: int) -> float | None:
-    """Tokens of steps after ``warmup_steps`` over the wall time from the end of step ``warmup_steps`` to the last.
+    """Return the tokens of the steps after ``warmup_steps`` over the wall time from the end of that step to the last.
 
-    Returns None when fewer than two steps are left to measure.
+    Return None when fewer than two steps are left to measure.
     """
     if warmup_steps < 1 or len(records) < warmup_steps + 2:
         return None
@@ -123,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         run(config, args.warmup_steps, world_rank, world_size, device)
+    except ConfigError as error:
+        if world_rank == 0:
+            print(f"bare_fsdp: {error}", file=sys.stderr)
+        return 2
     finally:
         dist.destroy_process_group()
     return 0

@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from service.config import Config, config_from_dict  # noqa: E402
 from workers.data import MicroBatch  # noqa: E402
@@ -139,25 +141,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, config: Config, device: torch.device) -> dict[str, Any]:
-    model_shape = model_args(config)
-    model = build_model(model_shape, seed=config.run.seed)
+@dataclass
+class Training:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    fsdp_units: list[FSDPModule]
+    num_parameters: int
+
+
+def build_training(args: argparse.Namespace, config: Config, device: torch.device) -> Training:
+    """Build the model on ``device``, optionally compile its blocks, shard it with FSDP2 and build AdamW."""
+    model = build_model(model_args(config), seed=config.run.seed)
     num_parameters = count_parameters(model)
     model.to(device)
     if args.compile:
+        # NOTE: one compiled region per block, applied before sharding. This path has run only on
+        # CPU with the tiny model so far, not on a GPU.
         for block in model.layers:
             block.compile()
     mesh = init_device_mesh(device.type, (1,))
     fsdp_units = apply_fsdp(model, mesh, param_dtype=config.parallel.param_dtype,
                             reduce_dtype=config.parallel.reduce_dtype)
-    optimizer = build_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.run.seed)
-    flops_per_token = training_flops_per_token(model_shape)
-    device_name, peak_flops, peak_source = resolve_peak(args, device)
-    peak_text = "n/a" if peak_flops is None else f"{peak_flops / 1e12:.4g} TFLOP/s"
-    print(f"{device_name}: {num_parameters:,} parameters, {flops_per_token:.4g} training FLOPs per token, "
-          f"peak {peak_text} ({peak_source})", flush=True)
+    return Training(model, build_optimizer(model, config), fsdp_units, num_parameters)
 
+
+def train_and_time(args: argparse.Namespace, config: Config, training: Training,
+                   device: torch.device) -> tuple[float, int, int]:
+    """Train ``train.steps`` steps; return (tokens/s after the warmup steps, tokens per step, skipped steps)."""
+    generator = torch.Generator().manual_seed(config.run.seed)
     tokens = 0
     skipped = 0
     window_started = time.perf_counter()
@@ -166,16 +177,29 @@ def run(args: argparse.Namespace, config: Config, device: torch.device) -> dict[
             synchronize(device)
             window_started = time.perf_counter()
         step_started = time.perf_counter()
-        result = train_step(model, optimizer, random_micro_batches(config, generator), lr=config.optim.lr,
-                            grad_clip=config.train.grad_clip, device=device, fsdp_units=fsdp_units)
-        # train_step syncs once, before the optimizer step, so on a GPU this time leaves out part of that step.
+        result = train_step(training.model, training.optimizer, random_micro_batches(config, generator),
+                            lr=config.optim.lr, grad_clip=config.train.grad_clip, device=device,
+                            fsdp_units=training.fsdp_units)
+        # train_step reads the loss back to the host before the optimizer step, so on a GPU this
+        # time can leave out part of that step. The tokens/s window synchronizes at both ends.
         step_s = time.perf_counter() - step_started
         tokens = result.target_tokens
         skipped += int(result.skipped)
         print(f"step {step:3d} loss {result.loss:.4f} {step_s * 1e3:8.1f} ms {tokens / step_s:,.0f} tokens/s", flush=True)
     synchronize(device)
     measured_steps = config.train.steps - args.warmup_steps
-    tokens_per_second = tokens * measured_steps / (time.perf_counter() - window_started)
+    return tokens * measured_steps / (time.perf_counter() - window_started), tokens, skipped
+
+
+def run(args: argparse.Namespace, config: Config, device: torch.device) -> dict[str, Any]:
+    training = build_training(args, config, device)
+    flops_per_token = training_flops_per_token(model_args(config))
+    device_name, peak_flops, peak_source = resolve_peak(args, device)
+    peak_text = "n/a" if peak_flops is None else f"{peak_flops / 1e12:.4g} TFLOP/s"
+    print(f"{device_name}: {training.num_parameters:,} parameters, {flops_per_token:.4g} training FLOPs per token, "
+          f"peak {peak_text} ({peak_source})", flush=True)
+
+    tokens_per_second, tokens, skipped = train_and_time(args, config, training, device)
 
     utilization = mfu(tokens_per_second, flops_per_token, peak_flops, 1)
     peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -183,7 +207,7 @@ def run(args: argparse.Namespace, config: Config, device: torch.device) -> dict[
           f"peak memory allocated {'n/a' if peak_memory_gib is None else f'{peak_memory_gib:.1f} GiB'}; "
           f"skipped steps {skipped}")
     return {
-        "device": device_name, "model": args.model, "parameters": num_parameters, "compile": args.compile,
+        "device": device_name, "model": args.model, "parameters": training.num_parameters, "compile": args.compile,
         "micro_batch": config.train.micro_batch, "grad_accum": config.grad_accum_steps, "seq_len": config.model.seq_len,
         "steps": config.train.steps, "warmup_steps": args.warmup_steps, "tokens_per_step": tokens,
         "tokens_per_second": tokens_per_second, "training_flops_per_token": flops_per_token,

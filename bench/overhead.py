@@ -48,14 +48,39 @@ from workers.train_loop import build_spike_monitor  # noqa: E402
 SAVE_SECONDS_PATTERN = re.compile(r"checkpoint committed in ([0-9.]+) s")
 
 
+def median_step_tokens_per_second(records: list[dict[str, Any]], warmup_steps: int) -> float | None:
+    """Return the tokens of a step over the median step time after ``warmup_steps``, or None with too few steps.
+
+    A step's time is the gap between its record and the one before, so a step
+    slowed by another process on the machine moves the median little. Costs
+    that recur every few steps (a history flush, a checkpoint) move it little
+    too, so this figure complements the steady window and does not replace it.
+    """
+    if warmup_steps < 1 or len(records) < warmup_steps + 2:
+        return None
+    gaps_s = [later["time"] - earlier["time"] for earlier, later in zip(records[warmup_steps - 1:], records[warmup_steps:])]
+    return records[-1]["tokens"] / statistics.median(gaps_s)
+
+
 @dataclass
 class RunResult:
     kind: str  # "bare", "stalwart" or "stalwart+checkpoints"
     run_name: str
     records: list[dict[str, Any]]
+    warmup_steps: int
     wall_s: float  # the whole process, start-up included
-    steady_tokens_per_second: float | None
     save_seconds: list[float] = field(default_factory=list)
+    # 1-minute load average when the run ended, its own processes included: far above the
+    # number of ranks means other work shared the CPUs and the figures are not comparable.
+    load_average: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    @property
+    def steady_tokens_per_second(self) -> float | None:
+        return steady_tokens_per_second(self.records, self.warmup_steps)
+
+    @property
+    def median_step_tokens_per_second(self) -> float | None:
+        return median_step_tokens_per_second(self.records, self.warmup_steps)
 
 
 def free_port() -> int:
@@ -66,7 +91,7 @@ def free_port() -> int:
 
 
 def run_command(command: list[str], timeout_s: float, env: dict[str, str] | None = None) -> str:
-    """Run ``command`` in its own process group and return its stdout; kill the group on timeout or failure."""
+    """Run ``command`` in its own process group and return its stdout and stderr; kill the group on timeout."""
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -74,9 +99,11 @@ def run_command(command: list[str], timeout_s: float, env: dict[str, str] | None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s: {' '.join(command)}\n{output[-4000:]}") from None
+        raise RuntimeError(f"command timed out after {timeout_s:.0f} s (raise --timeout-s): {' '.join(command)}\n"
+                           f"last output:\n{output[-4000:]}") from None
     if process.returncode != 0:
-        raise RuntimeError(f"exit status {process.returncode}: {' '.join(command)}\n{output[-4000:]}")
+        raise RuntimeError(f"command failed with exit status {process.returncode}: {' '.join(command)}\n"
+                           f"last output:\n{output[-4000:]}")
     return output
 
 
@@ -127,8 +154,7 @@ def run_bare(config: str | None, overrides: list[str], num_workers: int, warmup_
     started = time.monotonic()
     output = run_command(bare_command(config, overrides, num_workers, warmup_steps), timeout_s, child_environment())
     records = parse_bare_output(output)
-    return RunResult("bare", "bare", records, time.monotonic() - started,
-                     steady_tokens_per_second(records, warmup_steps))
+    return RunResult("bare", "bare", records, warmup_steps, time.monotonic() - started)
 
 
 def run_stalwart(kind: str, config: str | None, overrides: list[str], run_uri: str, warmup_steps: int,
@@ -140,8 +166,7 @@ def run_stalwart(kind: str, config: str | None, overrides: list[str], run_uri: s
         # A restart re-runs steps after a gap, so the wall-clock window would not measure training.
         raise RuntimeError(f"run {run_uri} restarted after a failure; its throughput is not comparable, run again")
     saves = [float(seconds) for seconds in SAVE_SECONDS_PATTERN.findall(output)]
-    return RunResult(kind, run_uri.rsplit("/", 1)[-1], records, time.monotonic() - started,
-                     steady_tokens_per_second(records, warmup_steps), saves)
+    return RunResult(kind, run_uri.rsplit("/", 1)[-1], records, warmup_steps, time.monotonic() - started, saves)
 
 
 def time_host_extras(config: Config, folder: str, steps: int) -> dict[str, float]:
@@ -179,8 +204,9 @@ def time_host_extras(config: Config, folder: str, steps: int) -> dict[str, float
     return {name: seconds / steps * 1e6 for name, seconds in elapsed_s.items()}
 
 
-def median_rate(results: list[RunResult]) -> float | None:
-    rates = [result.steady_tokens_per_second for result in results if result.steady_tokens_per_second]
+def median_rate(results: list[RunResult], figure: str = "steady_tokens_per_second") -> float | None:
+    """Return the median over runs of one throughput figure (a RunResult property name)."""
+    rates = [getattr(result, figure) for result in results if getattr(result, figure)]
     return statistics.median(rates) if rates else None
 
 
@@ -235,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args: argparse.Namespace, storage: str, common: list[str],
             stalwart_common: list[str]) -> dict[str, Any]:
+    # A run name that exists in storage would resume that run, so every invocation uses new names.
+    prefix = f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     bare: list[RunResult] = []
     stalwart: list[RunResult] = []
     for round_index in range(1, args.repeats + 1):
         bare.append(run_bare(args.config, common, args.num_workers, args.warmup_steps, args.timeout_s))
         log_result(round_index, bare[-1])
-        name = f"overhead-plain-{round_index}"
+        name = f"{prefix}-plain-{round_index}"
         overrides = [*stalwart_common, f"run.name={name}", "checkpoint.every_steps=null"]
         stalwart.append(run_stalwart("stalwart", args.config, overrides, f"{storage}/{name}",
                                      args.warmup_steps, args.timeout_s))
@@ -248,7 +276,7 @@ def run_all(args: argparse.Namespace, storage: str, common: list[str],
 
     checkpointed = None
     if args.checkpoint_every > 0:
-        name = "overhead-checkpoints"
+        name = f"{prefix}-checkpoints"
         overrides = [*stalwart_common, f"run.name={name}", f"checkpoint.every_steps={args.checkpoint_every}"]
         checkpointed = run_stalwart("stalwart+checkpoints", args.config, overrides, f"{storage}/{name}",
                                     args.warmup_steps, args.timeout_s)
@@ -259,9 +287,9 @@ def run_all(args: argparse.Namespace, storage: str, common: list[str],
 
 
 def log_result(round_index: int, result: RunResult) -> None:
-    rate = result.steady_tokens_per_second
-    print(f"round {round_index} {result.kind:<21} steady tokens/s {format_rate(rate):>9}  (process wall {result.wall_s:.1f} s)",
-          flush=True)
+    print(f"round {round_index} {result.kind:<21} steady tokens/s {format_rate(result.steady_tokens_per_second):>9}, "
+          f"at the median step {format_rate(result.median_step_tokens_per_second):>9} "
+          f"(process wall {result.wall_s:.1f} s, load average {result.load_average:.1f})", flush=True)
 
 
 def format_rate(rate: float | None) -> str:
@@ -269,6 +297,15 @@ def format_rate(rate: float | None) -> str:
 
 
 def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    summary: dict[str, Any] = {"steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats}
+    summary.update(report_throughput(results))
+    summary.update(report_host_extras(results, summary["bare_median"]))
+    summary.update(report_checkpoints(args, results["checkpointed"], summary["stalwart_median"]))
+    print(json.dumps({"summary": summary}))
+
+
+def report_throughput(results: dict[str, Any]) -> dict[str, Any]:
+    """Print and return the bare and Stalwart throughput figures and their ratios."""
     bare_rate = median_rate(results["bare"])
     stalwart_rate = median_rate(results["stalwart"])
     ratio = stalwart_rate / bare_rate if bare_rate and stalwart_rate else None
@@ -278,17 +315,29 @@ def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         for bare_run, stalwart_run in zip(results["bare"], results["stalwart"])
         if bare_run.steady_tokens_per_second and stalwart_run.steady_tokens_per_second
     ]
-    summary: dict[str, Any] = {
-        "steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
-        "bare_tokens_per_second": [result.steady_tokens_per_second for result in results["bare"]],
-        "stalwart_tokens_per_second": [result.steady_tokens_per_second for result in results["stalwart"]],
-        "bare_median": bare_rate, "stalwart_median": stalwart_rate, "ratio": ratio, "round_ratios": round_ratios,
-        "host_extras_us_per_step": results["host_extras_us"],
-    }
+    bare_median_step = median_rate(results["bare"], "median_step_tokens_per_second")
+    stalwart_median_step = median_rate(results["stalwart"], "median_step_tokens_per_second")
+    median_step_ratio = stalwart_median_step / bare_median_step if bare_median_step and stalwart_median_step else None
+
     ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
     print(f"median steady tokens/s: bare {format_rate(bare_rate)}, stalwart {format_rate(stalwart_rate)}, "
           f"ratio stalwart/bare {ratio_text} (target >= 0.98)")
     print("ratio per round: " + ", ".join(f"{value:.3f}" for value in round_ratios))
+    if median_step_ratio is not None:
+        print(f"tokens/s at the median step: bare {format_rate(bare_median_step)}, stalwart "
+              f"{format_rate(stalwart_median_step)}, ratio {median_step_ratio:.3f}")
+    return {
+        "bare_tokens_per_second": [result.steady_tokens_per_second for result in results["bare"]],
+        "stalwart_tokens_per_second": [result.steady_tokens_per_second for result in results["stalwart"]],
+        "bare_median_step_tokens_per_second": [result.median_step_tokens_per_second for result in results["bare"]],
+        "stalwart_median_step_tokens_per_second": [result.median_step_tokens_per_second for result in results["stalwart"]],
+        "bare_median": bare_rate, "stalwart_median": stalwart_rate, "ratio": ratio, "round_ratios": round_ratios,
+        "load_averages": [result.load_average for pair in zip(results["bare"], results["stalwart"]) for result in pair],
+        "median_step_ratio": median_step_ratio,
+    }
+
+
+def report_host_extras(results: dict[str, Any], bare_rate: float | None) -> dict[str, Any]:
     extras = results["host_extras_us"]
     parts = ", ".join(f"{name} {micros:.0f}" for name, micros in extras.items())
     line = f"host extras of Stalwart's rank 0, us per step: {parts}"
@@ -296,18 +345,22 @@ def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         step_us = results["bare"][0].records[-1]["tokens"] / bare_rate * 1e6
         line += f" (together {sum(extras.values()) / step_us:.2%} of a bare step)"
     print(line)
+    return {"host_extras_us_per_step": extras}
 
-    checkpointed: RunResult | None = results["checkpointed"]
-    if checkpointed is not None and checkpointed.steady_tokens_per_second and stalwart_rate:
-        summary.update(checkpoint_figures(args, checkpointed, stalwart_rate))
-        print(f"checkpoint every {args.checkpoint_every} steps: {format_rate(checkpointed.steady_tokens_per_second)} "
-              f"tokens/s, ratio to Stalwart without checkpoints {summary['checkpoint_ratio']:.3f}; "
-              f"{summary['saves_in_window']} saves in the window")
-        if summary["extra_s_per_save"] is not None:
-            logged = statistics.mean(checkpointed.save_seconds) if checkpointed.save_seconds else float("nan")
-            print(f"  extra wall time per save {summary['extra_s_per_save']:.2f} s; save time logged by Stalwart "
-                  f"{logged:.2f} s on average")
-    print(json.dumps({"summary": summary}))
+
+def report_checkpoints(args: argparse.Namespace, checkpointed: RunResult | None,
+                       stalwart_rate: float | None) -> dict[str, Any]:
+    if checkpointed is None or not checkpointed.steady_tokens_per_second or not stalwart_rate:
+        return {}
+    figures = checkpoint_figures(args, checkpointed, stalwart_rate)
+    print(f"checkpoint every {args.checkpoint_every} steps: {format_rate(checkpointed.steady_tokens_per_second)} "
+          f"tokens/s, ratio to Stalwart without checkpoints {figures['checkpoint_ratio']:.3f}; "
+          f"{figures['saves_in_window']} saves in the window")
+    if figures["extra_s_per_save"] is not None:
+        logged = statistics.mean(checkpointed.save_seconds) if checkpointed.save_seconds else float("nan")
+        print(f"  extra wall time per save {figures['extra_s_per_save']:.2f} s; save time logged by Stalwart "
+              f"{logged:.2f} s on average")
+    return figures
 
 
 def checkpoint_figures(args: argparse.Namespace, checkpointed: RunResult, stalwart_rate: float) -> dict[str, Any]:

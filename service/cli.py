@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(report)
     report.add_argument("--output", "-o", help="PNG path (default: <run name>-report.png in the current folder)")
 
+    from service.checkpoints import add_parser as add_checkpoints_parser
+
+    add_checkpoints_parser(commands, _add_config_arguments)
+
     show = commands.add_parser("config", help="print the validated config as YAML")
     _add_config_arguments(show)
     show.add_argument("--defaults", action="store_true", help="print the default config and ignore --config/--set")
@@ -100,13 +104,23 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_checkpoints(args: argparse.Namespace) -> int:
+    from service.checkpoints import run_command
+    from service.storage import absolute_uri, join
+
+    config = _load(args)
+    run_uri = args.run if "://" in args.run or args.run.startswith("/") else join(absolute_uri(config.storage.uri), args.run)
+    return run_command(args, config, run_uri)
+
+
 def command_config(args: argparse.Namespace) -> int:
     config = Config() if args.defaults else _load(args)
     print(yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False), end="")
     return 0
 
 
-COMMANDS = {"train": command_train, "prepare": command_prepare, "report": command_report, "config": command_config}
+COMMANDS = {"train": command_train, "prepare": command_prepare, "report": command_report, "config": command_config,
+            "checkpoints": command_checkpoints}
 
 
 def main(argv: list[str] | None = None) -> int:

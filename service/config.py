@@ -171,9 +171,43 @@ class ScalingSection(Section):
 
 
 class CheckpointSection(Section):
-    every_steps: PositiveInt | None = Field(50, description="Save after every N optimizer steps; None saves only at the end.")
-    keep_last: PositiveInt | None = Field(3, description="Committed checkpoints to keep; None keeps all.")
+    every_steps: PositiveInt | None = Field(50, description="Save after every N optimizer steps; None: no step-based saves.")
+    every_hours: float | None = Field(
+        None, gt=0, description="Also save when this many hours passed since the last save (whichever of the two comes first); None: no time-based saves.",
+    )
+    keep_last: PositiveInt | Literal["all"] = Field(
+        3, description="Committed checkpoints to keep, newest first, or 'all' to delete none. The newest is always kept.",
+    )
+    keep_every_steps: PositiveInt | None = Field(
+        None, description="Keep every checkpoint whose step is a multiple of this as a permanent milestone; None: no milestones.",
+    )
     save_final: bool = Field(True, description="Save after the last step.")
+    async_save: bool = Field(
+        True, description="Write checkpoints in the background while training continues; false blocks each save until it commits.",
+    )
+    overlap_policy: Literal["wait", "skip"] = Field(
+        "wait", description="When a save is due while another is in flight: 'wait' blocks training until the running one ends, "
+        "'skip' drops the new one. Final, SIGTERM and preemption saves always wait.",
+    )
+    max_inflight_steps: PositiveInt | None = Field(
+        None, description="Block training when a background save is still running this many steps after its step; "
+        "None: wait only when the next save is due or the run ends.",
+    )
+    retry_initial_backoff_s: float = Field(5.0, gt=0, description="Seconds before the first retry after a failed save; doubles per failure.")
+    retry_max_backoff_s: float = Field(300.0, gt=0, description="Longest wait between save retries, in seconds.")
+    max_outage_s: float = Field(
+        3600.0, gt=0, description="Seconds saves may keep failing (or one save may run) before the run stops with an error.",
+    )
+    upload_part_bytes: Annotated[int, Field(ge=5 * 2**20)] = Field(
+        64 * 2**20, description="Part size of S3 multipart uploads, in bytes (at least 5 MiB, the S3 minimum).",
+    )
+    upload_concurrency: PositiveInt = Field(8, description="Parts of one file uploaded in parallel.")
+
+    @field_validator("keep_last", mode="before")
+    @classmethod
+    def _keep_all_alias(cls, value: Any) -> Any:
+        # null meant "keep all" before the named setting existed; existing configs keep working.
+        return "all" if value is None else value
 
 
 class MetricsSection(Section):

@@ -31,6 +31,11 @@ TOKENS = f"{METRIC_PREFIX}_tokens"  # counter: exposed as stalwart_tokens_total
 SKIPPED_STEPS = f"{METRIC_PREFIX}_skipped_steps"  # counter
 RESTARTS = f"{METRIC_PREFIX}_restarts"  # counter
 CHECKPOINT_SAVE_SECONDS = f"{METRIC_PREFIX}_checkpoint_save_seconds"  # histogram
+CHECKPOINT_STALL_SECONDS = f"{METRIC_PREFIX}_checkpoint_stall_seconds"  # histogram
+CHECKPOINT_SIZE_BYTES = f"{METRIC_PREFIX}_checkpoint_size_bytes"  # gauge: the newest committed checkpoint
+CHECKPOINT_WRITTEN_BYTES = f"{METRIC_PREFIX}_checkpoint_written_bytes"  # counter
+CHECKPOINT_FAILURES = f"{METRIC_PREFIX}_checkpoint_failures"  # counter
+CHECKPOINT_SKIPPED = f"{METRIC_PREFIX}_checkpoint_skipped"  # counter
 LAST_COMMITTED_STEP = f"{METRIC_PREFIX}_last_committed_step"
 WORLD_SIZE = f"{METRIC_PREFIX}_world_size"
 STABILITY_EVENTS = f"{METRIC_PREFIX}_stability_events"  # counter, labels detector and action
@@ -41,6 +46,7 @@ GOODPUT_RATIO = f"{METRIC_PREFIX}_goodput_ratio"
 WALL_SECONDS = f"{METRIC_PREFIX}_wall_seconds"  # gauge, label part
 RESTART_CAUSES = ("failure", "hang")
 
+STALL_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 SAVE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -79,6 +85,18 @@ class RunMetrics:
             buckets=SAVE_SECONDS_BUCKETS, registry=self.registry,
         )
         self.last_committed_step = Gauge(LAST_COMMITTED_STEP, "Step of the newest committed checkpoint.", labels, registry=self.registry)
+        self.checkpoint_stall_seconds = Histogram(
+            CHECKPOINT_STALL_SECONDS, "Time the step loop was blocked by one checkpoint save (staging, waits and polls).",
+            labels, buckets=STALL_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.checkpoint_size_bytes = Gauge(CHECKPOINT_SIZE_BYTES, "Bytes of the newest committed checkpoint, all ranks.", labels,
+                                           registry=self.registry)
+        self.checkpoint_written_bytes = Counter(CHECKPOINT_WRITTEN_BYTES, "Bytes of committed checkpoints written.", labels,
+                                                registry=self.registry)
+        self.checkpoint_failures = Counter(CHECKPOINT_FAILURES, "Checkpoint saves that did not commit (each is retried).",
+                                           labels, registry=self.registry)
+        self.checkpoint_skipped = Counter(CHECKPOINT_SKIPPED, "Saves dropped because another save was in flight "
+                                          "(checkpoint.overlap_policy=skip).", labels, registry=self.registry)
         self.world_size = Gauge(WORLD_SIZE, "Ranks in the current attempt.", labels, registry=self.registry)
         self.stability_events = Counter(
             STABILITY_EVENTS, "Stability detections by detector (nonfinite, loss_zscore, grad_norm_ratio, loss_ratio, "
@@ -87,6 +105,8 @@ class RunMetrics:
         # Create every labelled series now, so counters read 0 instead of being absent.
         for family in (self.step, self.loss, self.learning_rate, self.grad_norm, self.tokens_per_second, self.tokens,
                        self.skipped_steps, self.checkpoint_save_seconds, self.last_committed_step,
+                       self.checkpoint_stall_seconds, self.checkpoint_size_bytes, self.checkpoint_written_bytes,
+                       self.checkpoint_failures, self.checkpoint_skipped,
                        self.world_size, self.hangs, self.goodput_ratio):
             family.labels(run_name)
         for cause in RESTART_CAUSES:
@@ -146,6 +166,12 @@ class RunMetrics:
         self.checkpoint_save_seconds.labels(self.run_name).observe(save_seconds)
         self.last_committed_step.labels(self.run_name).set(step)
 
+    def record_checkpoint_save(self, update: dict[str, Any]) -> None:
+        """Record a committed save's stall (stall_s) and size (bytes); its duration comes through record_checkpoint."""
+        self.checkpoint_stall_seconds.labels(self.run_name).observe(update["stall_s"])
+        self.checkpoint_size_bytes.labels(self.run_name).set(update["bytes"])
+        self.checkpoint_written_bytes.labels(self.run_name).inc(update["bytes"])
+
 
 @ray.remote(num_cpus=0)
 class MetricsActor:
@@ -169,6 +195,15 @@ class MetricsActor:
 
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.metrics.record_checkpoint(step, save_seconds)
+
+    def record_checkpoint_save(self, update: dict[str, Any]) -> None:
+        self.metrics.record_checkpoint_save(update)
+
+    def record_checkpoint_failure(self) -> None:
+        self.metrics.checkpoint_failures.labels(self.metrics.run_name).inc()
+
+    def record_checkpoint_skipped(self) -> None:
+        self.metrics.checkpoint_skipped.labels(self.metrics.run_name).inc()
 
     def record_hang(self) -> None:
         self.metrics.record_hang()

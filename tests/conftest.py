@@ -56,7 +56,7 @@ def s3_server(aws_test_environment: None, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def private_s3_server(aws_test_environment: None, tmp_path: Path) -> Iterator[MotoServer]:
-    """A moto S3 server for one test, which may stop, pause or restart it."""
+    """A moto S3 server for one test, which may stop or restart it."""
     server = MotoServer(tmp_path / "moto-server.log")
     server.start()
     try:

@@ -7,6 +7,7 @@ torch.distributed.run and `stalwart train` on an embedded Ray cluster, both on
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -80,6 +81,40 @@ def test_saves_in_window_hand_count():
     assert overhead.saves_in_window(steps=20, warmup_steps=5, every=5) == 3
     # A save after step 4 delays step 5, which is inside the warmup.
     assert overhead.saves_in_window(steps=20, warmup_steps=5, every=4) == 3
+
+
+def test_median_step_ignores_one_slow_step():
+    # Steps 2..5 take 1, 1, 5 and 1 s after the warmup step 1; the median gap is 1 s.
+    records = [{"time": time_s, "tokens": 100} for time_s in (0.0, 1.0, 2.0, 7.0, 8.0)]
+
+    assert overhead.median_step_tokens_per_second(records, 1) == 100.0
+
+
+def step_records(times_s: list[float]) -> list[dict]:
+    return [{"step": index + 1, "time": time_s, "tokens": 100} for index, time_s in enumerate(times_s)]
+
+
+def test_report_figures_hand_count(capsys):
+    results = {
+        "bare": [overhead.RunResult("bare", "bare", step_records([0, 1, 2, 3, 4, 5]), 2, 10.0)],
+        "stalwart": [overhead.RunResult("stalwart", "plain", step_records([0, 1, 2.1, 3.2, 4.3, 5.4]), 2, 20.0)],
+        "checkpointed": overhead.RunResult("stalwart+checkpoints", "saving", step_records([0, 1, 2.5, 3.6, 5.0, 6.1]),
+                                           2, 30.0, [0.3]),
+        "host_extras_us": {"faults": 1.0, "stability": 2.0, "reporting": 3.0},
+    }
+    args = argparse.Namespace(steps=6, warmup_steps=2, repeats=1, checkpoint_every=2)
+
+    overhead.print_report(args, results)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+
+    # After step 2 (t=1): bare 400 tokens in 4.0 s, Stalwart in 4.4 s, with checkpoints in 5.1 s.
+    assert summary["bare_median"] == pytest.approx(100.0)
+    assert summary["stalwart_median"] == pytest.approx(400 / 4.4)
+    assert summary["ratio"] == pytest.approx(4.0 / 4.4)
+    assert summary["checkpoint_ratio"] == pytest.approx(4.4 / 5.1)
+    # Saves after steps 2 and 4 fall inside the window: (5.1 - 4.4) / 2 s each.
+    assert summary["saves_in_window"] == 2
+    assert summary["extra_s_per_save"] == pytest.approx(0.35)
 
 
 def test_parse_bare_output_keeps_step_records_only():

@@ -1,7 +1,8 @@
 """DCP checkpoints on a real S3-compatible server (moto on 127.0.0.1), written by 2 gloo ranks.
 
-Ranks run in spawned processes. They write what they saved or loaded to a
-local folder with ``torch.save``, and the test process compares those files.
+Ranks run in processes of their own (see dist_helpers). They write what they
+saved or loaded to a local folder with ``torch.save``, and the test process
+compares those files.
 """
 
 from __future__ import annotations
@@ -16,25 +17,28 @@ from typing import Any
 
 import pytest
 import torch
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.multiprocessing import ProcessRaisedException
 
 import workers.checkpoint as checkpoint_module
 from dist_helpers import run_distributed
-from s3_server import MotoServer
+from s3_server import MotoServer, TcpForwarder, wait_until_refused
 from service.catalog import (
     COMMIT_MARKER,
     DCP_METADATA_FILE,
+    SAVE_DIR_PREFIX,
     TRAIN_STATE_FILE,
     checkpoint_uri,
     latest_committed,
     list_checkpoints,
+    read_commit_record,
+    save_dir_uri,
 )
 from service.config import config_from_dict
 from service.storage import filesystem, join, read_json
-from workers.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_rank_rng
+from workers.checkpoint import CheckpointSaveError, TrainState, load_checkpoint, save_checkpoint, seed_rank_rng
+from workers.checkpoint_io import load_dcp_metadata
 from workers.data import MicroBatch
 from workers.model import build_model
 from workers.parallel import apply_fsdp
@@ -55,13 +59,16 @@ SEED = 7
 RUN_NAME = "tiny-run"
 SAVED_STEP = 2
 LR = 1e-2
-# Every shard a 2-rank save writes; train_state.json and COMMITTED come on top.
-DCP_AND_RNG_FILES = {DCP_METADATA_FILE, "__0_0.distcp", "__1_0.distcp", "rng/rank-00000.json", "rng/rank-00001.json"}
-# Files whose bytes differ between two saves of the same state, with the reason:
+# A rank's traceback when a save failed because nothing answered at the endpoint.
+SAVE_FAILED_OFFLINE = rf"{CheckpointSaveError.__name__}(.|\n)*EndpointConnectionError"
+# Bound for a save against unreachable storage: s3fs and botocore retry a refused connection for several seconds.
+OUTAGE_TIMEOUT_S = 90.0
+# What a 2-rank save writes into its save folder ``step-N/save-<id>/``; COMMITTED sits beside that folder.
+SAVE_DIR_FILES = {DCP_METADATA_FILE, "__0_0.distcp", "__1_0.distcp", "rng-00000.json", "rng-00001.json", TRAIN_STATE_FILE}
+# Files whose bytes differ between two saves of the same state, with the reason.
 SIZE_MAY_DIFFER = {
-    DCP_METADATA_FILE: "DCP stores the checkpoint path, which differs between s3:// and the local folder",
+    DCP_METADATA_FILE: "DCP stores the save folder's path, which differs between s3:// and the local folder",
     TRAIN_STATE_FILE: "holds saved_at, a time.time() float whose printed length varies",
-    COMMIT_MARKER: "holds committed_at, a time.time() float whose printed length varies",
 }
 
 
@@ -160,25 +167,26 @@ def _load_rank(world_rank: int, world_size: int, checkpoint_id: str, options: di
         Path(output_dir, "loaded_train_state.json").write_text(json.dumps(state.to_dict()))
 
 
-def _save_then_freeze_storage_rank(
-    world_rank: int, world_size: int, run_uri: str, options: dict[str, Any], server_pid: int
+def _save_then_lose_storage_rank(
+    world_rank: int, world_size: int, run_uri: str, options: dict[str, Any], forwarder_pid: int, forwarder_port: int
 ) -> None:
-    """Commit step 1, then save step 2 but freeze the server just before rank 0 writes train_state.json."""
+    """Commit step 1, then save step 2 but stop the storage forwarder just before rank 0 writes COMMITTED."""
     model, optimizer, units = _build(world_size, SEED)
     state = TrainState()
     _train(model, optimizer, units, world_rank, state, 1)
     _save(checkpoint_uri(run_uri, 1), run_uri, options, model, optimizer, state, world_rank, world_size)
     _train(model, optimizer, units, world_rank, state, 1)
 
-    # Fault injection: the real write still runs, against a server that no longer answers.
-    unfrozen_write_json = checkpoint_module.write_json
+    # Fault injection: the real write still runs, against storage that refuses connections.
+    write_bytes_to_storage = checkpoint_module.write_bytes
 
-    def write_json_after_freezing(fs: Any, path: str, payload: Any) -> None:
-        if path.endswith("/" + TRAIN_STATE_FILE):
-            os.kill(server_pid, signal.SIGSTOP)
-        unfrozen_write_json(fs, path, payload)
+    def write_bytes_after_outage(fs: Any, path: str, data: bytes) -> None:
+        if path.endswith("/" + COMMIT_MARKER):
+            os.kill(forwarder_pid, signal.SIGTERM)
+            wait_until_refused(forwarder_port)
+        write_bytes_to_storage(fs, path, data)
 
-    checkpoint_module.write_json = write_json_after_freezing
+    checkpoint_module.write_bytes = write_bytes_after_outage
     _save(checkpoint_uri(run_uri, 2), run_uri, options, model, optimizer, state, world_rank, world_size)
 
 
@@ -213,6 +221,17 @@ def object_sizes(fs: Any, folder: str) -> dict[str, int]:
     """Return {path relative to ``folder``: size in bytes} of every object or file below ``folder``."""
     prefix = fs._strip_protocol(folder).rstrip("/") + "/"
     return {path.removeprefix(prefix): int(info["size"]) for path, info in fs.find(folder, detail=True).items()}
+
+
+def committed_save_dir(fs: Any, checkpoint_id: str) -> str:
+    """Return the URI of the save folder that the checkpoint's commit record names."""
+    return save_dir_uri(checkpoint_id, read_commit_record(fs, checkpoint_id))
+
+
+def save_dirs(fs: Any, checkpoint_id: str) -> list[str]:
+    """Return the URIs of every save folder in a step folder, committed or not."""
+    names = [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(checkpoint_id, detail=False, refresh=True)]
+    return sorted(join(checkpoint_id, name) for name in names if name.startswith(SAVE_DIR_PREFIX))
 
 
 def fresh_filesystem(uri: str, options: dict[str, Any]) -> Any:
@@ -322,11 +341,12 @@ def test_s3_checkpoint_committed(saved_checkpoint: SavedCheckpoint) -> None:
     checkpoint_id = saved_checkpoint.checkpoint_id
 
     assert fs.exists(join(checkpoint_id, COMMIT_MARKER))
-    marker = read_json(fs, join(checkpoint_id, COMMIT_MARKER))
-    assert marker["step"] == SAVED_STEP
-    assert marker["world_size"] == WORLD_SIZE
+    record = read_commit_record(fs, checkpoint_id)
+    assert record.step == SAVED_STEP
+    assert record.world_size == WORLD_SIZE
+    assert set(record.files) == SAVE_DIR_FILES
 
-    train_state = read_json(fs, join(checkpoint_id, TRAIN_STATE_FILE))
+    train_state = read_json(fs, join(save_dir_uri(checkpoint_id, record), TRAIN_STATE_FILE))
     assert train_state["train_state"]["step"] == SAVED_STEP
     assert train_state["world_size"] == WORLD_SIZE
     assert train_state["config"] == CONFIG.model_dump(mode="json")
@@ -337,31 +357,46 @@ def test_s3_checkpoint_committed(saved_checkpoint: SavedCheckpoint) -> None:
     assert latest.checkpoint_id == checkpoint_id
 
 
+def test_s3_objects_match_commit_record(saved_checkpoint: SavedCheckpoint) -> None:
+    fs = fresh_filesystem(saved_checkpoint.run_uri, saved_checkpoint.storage_options)
+    checkpoint_id = saved_checkpoint.checkpoint_id
+    record = read_commit_record(fs, checkpoint_id)
+
+    # The step folder holds the record and the one save folder, and nothing else (leases live elsewhere).
+    save_dir_prefix = f"{record.save_dir}/"
+    step_objects = object_sizes(fs, checkpoint_id)
+    assert {name for name in step_objects if not name.startswith(save_dir_prefix)} == {COMMIT_MARKER}
+
+    s3_sizes = {name.removeprefix(save_dir_prefix): size for name, size in step_objects.items() if name.startswith(save_dir_prefix)}
+    assert set(s3_sizes) == set(record.files)
+    for name, entry in record.files.items():
+        assert s3_sizes[name] == entry.size_bytes, f"{name}: {s3_sizes[name]} bytes on S3, {entry.size_bytes} in the commit record"
+
+
 def test_s3_objects_match_local_files(saved_checkpoint: SavedCheckpoint) -> None:
     s3_fs = fresh_filesystem(saved_checkpoint.run_uri, saved_checkpoint.storage_options)
-    s3_sizes = object_sizes(s3_fs, saved_checkpoint.checkpoint_id)
-    local_sizes = object_sizes(filesystem(saved_checkpoint.local_checkpoint_id), saved_checkpoint.local_checkpoint_id)
+    local_fs = filesystem(saved_checkpoint.local_checkpoint_id)
+    s3_folder = committed_save_dir(s3_fs, saved_checkpoint.checkpoint_id)
+    local_folder = committed_save_dir(local_fs, saved_checkpoint.local_checkpoint_id)
+    s3_sizes = object_sizes(s3_fs, s3_folder)
+    local_sizes = object_sizes(local_fs, local_folder)
 
-    assert set(s3_sizes) == DCP_AND_RNG_FILES | {TRAIN_STATE_FILE, COMMIT_MARKER}
-    assert set(s3_sizes) == set(local_sizes)
-    for name in sorted(set(s3_sizes) - set(SIZE_MAY_DIFFER)):
+    assert set(s3_sizes) == SAVE_DIR_FILES
+    assert set(local_sizes) == SAVE_DIR_FILES
+    for name in sorted(SAVE_DIR_FILES - set(SIZE_MAY_DIFFER)):
         assert s3_sizes[name] == local_sizes[name], f"{name}: {s3_sizes[name]} bytes on S3, {local_sizes[name]} locally"
 
     # .metadata differs in the stored path only: every item must sit at the same place in the same shard.
-    # NOTE: read_metadata unpickles .metadata; this test wrote both files itself.
-    s3_metadata = FsspecReader(saved_checkpoint.checkpoint_id, **saved_checkpoint.storage_options).read_metadata()
-    local_metadata = FsspecReader(saved_checkpoint.local_checkpoint_id).read_metadata()
+    s3_metadata = load_dcp_metadata(s3_fs.cat_file(join(s3_folder, DCP_METADATA_FILE)), s3_folder)
+    local_metadata = load_dcp_metadata(local_fs.cat_file(join(local_folder, DCP_METADATA_FILE)), local_folder)
     assert s3_metadata.storage_data == local_metadata.storage_data
 
 
 def test_s3_metadata_ranges_fit_shards(saved_checkpoint: SavedCheckpoint) -> None:
     fs = fresh_filesystem(saved_checkpoint.run_uri, saved_checkpoint.storage_options)
-    shard_sizes = {
-        name: size
-        for name, size in object_sizes(fs, saved_checkpoint.checkpoint_id).items()
-        if name.endswith(".distcp")
-    }
-    metadata = FsspecReader(saved_checkpoint.checkpoint_id, **saved_checkpoint.storage_options).read_metadata()
+    folder = committed_save_dir(fs, saved_checkpoint.checkpoint_id)
+    shard_sizes = {name: size for name, size in object_sizes(fs, folder).items() if name.endswith(".distcp")}
+    metadata = load_dcp_metadata(fs.cat_file(join(folder, DCP_METADATA_FILE)), folder)
     assert metadata.storage_data, "the .metadata file lists no stored items"
 
     ranges_by_shard: dict[str, list[tuple[int, int]]] = {name: [] for name in shard_sizes}
@@ -381,75 +416,87 @@ def test_s3_metadata_ranges_fit_shards(saved_checkpoint: SavedCheckpoint) -> Non
             assert start >= previous_end, f"{name}: items overlap at byte {start}"
 
 
-def test_latest_skips_uncommitted_on_s3(s3_server: MotoServer, s3_bucket: str) -> None:
+def test_latest_committed_on_s3(s3_server: MotoServer, s3_bucket: str) -> None:
+    """On S3 listings, "latest" is the highest committed step by number; step-10 sorts before step-9 as text."""
     run_uri = f"s3://{s3_bucket}/{RUN_NAME}"
+    root = join(run_uri, "checkpoints")
     fs = fresh_filesystem(run_uri, s3_server.storage_options())
     fs.pipe({
-        join(checkpoint_uri(run_uri, 8), COMMIT_MARKER): b"{}",  # committed, but DCP metadata is missing
-        join(checkpoint_uri(run_uri, 9), DCP_METADATA_FILE): b"",
-        join(checkpoint_uri(run_uri, 9), COMMIT_MARKER): b"{}",
-        join(checkpoint_uri(run_uri, 10), DCP_METADATA_FILE): b"",  # not committed
+        join(root, "step-9", COMMIT_MARKER): b"{}",
+        join(root, "step-9", "save-a", DCP_METADATA_FILE): b"",
+        join(root, "step-10", COMMIT_MARKER): b"{}",
+        join(root, "step-10", "save-b", DCP_METADATA_FILE): b"",
+        join(root, "step-11", "save-c", DCP_METADATA_FILE): b"",  # not committed
     })
     fs.invalidate_cache()
 
-    assert [info.step for info in list_checkpoints(fs, run_uri)] == [8, 9, 10]
+    infos = list_checkpoints(fs, run_uri)
+    assert [info.step for info in infos] == [9, 10, 11]
+    assert [info.committed for info in infos] == [True, True, False]
     latest = latest_committed(fs, run_uri)
     assert latest is not None
-    assert latest.step == 9
+    assert latest.step == 10
 
 
-def test_stopped_server_save_raises(private_s3_server: MotoServer) -> None:
-    """A save against a stopped server fails within the time bound instead of hanging."""
+def test_stopped_server_save_raises(private_s3_server: MotoServer, tmp_path: Path) -> None:
+    """A save against a stopped server fails on every rank within the time bound instead of hanging."""
     bucket = private_s3_server.create_bucket()
     run_uri = f"s3://{bucket}/{RUN_NAME}"
     options = private_s3_server.storage_options()
     private_s3_server.stop()
 
     started = time.monotonic()
-    with pytest.raises(ProcessRaisedException, match="EndpointConnectionError|Could not connect"):
-        run_distributed(_train_and_save_rank, WORLD_SIZE, [(run_uri, options)], str(private_s3_server.log_path.parent), timeout_s=90)
+    with pytest.raises(ProcessRaisedException, match=SAVE_FAILED_OFFLINE):
+        run_distributed(
+            _train_and_save_rank, WORLD_SIZE, [(run_uri, options)], str(tmp_path), timeout_s=OUTAGE_TIMEOUT_S
+        )
     elapsed_s = time.monotonic() - started
 
     # moto keeps objects in memory, so the restarted server starts empty: this
-    # only shows nothing was committed. The frozen-server test covers a server
-    # that keeps its objects.
+    # only shows nothing was committed. test_outage_before_commit_keeps_previous
+    # covers storage that keeps its objects through the outage.
     private_s3_server.start()
     private_s3_server.create_bucket(bucket)
     fs = fresh_filesystem(run_uri, options)
     assert not fs.exists(join(checkpoint_uri(run_uri, SAVED_STEP), COMMIT_MARKER))
     assert latest_committed(fs, run_uri) is None
-    assert elapsed_s < 90
+    assert elapsed_s < OUTAGE_TIMEOUT_S
 
 
-def test_frozen_server_leaves_checkpoint_uncommitted(private_s3_server: MotoServer) -> None:
-    """Storage that stops answering mid-save leaves that checkpoint uncommitted; a retry replaces it."""
+def test_outage_before_commit_keeps_previous(private_s3_server: MotoServer, tmp_path: Path) -> None:
+    """Storage lost just before COMMITTED: that step stays uncommitted, the older one stays latest, a retry commits."""
     bucket = private_s3_server.create_bucket()
     run_uri = f"s3://{bucket}/{RUN_NAME}"
-    # Short timeouts so the frozen server fails the write in seconds, not minutes.
-    options = private_s3_server.storage_options(connect_timeout=1, read_timeout=2, retries={"total_max_attempts": 1})
     step_2 = checkpoint_uri(run_uri, 2)
-
+    # The ranks reach moto through the forwarder; stopping it cuts them off while moto keeps the objects.
+    forwarder = TcpForwarder(tmp_path / "forwarder.log", target_port=private_s3_server.port)
+    forwarder.start()
     try:
-        with pytest.raises(ProcessRaisedException, match="(?i)timeout|timed out"):
-            run_distributed(_save_then_freeze_storage_rank, WORLD_SIZE, run_uri, options, private_s3_server.pid, timeout_s=120)
+        started = time.monotonic()
+        with pytest.raises(ProcessRaisedException, match=SAVE_FAILED_OFFLINE):
+            run_distributed(
+                _save_then_lose_storage_rank, WORLD_SIZE, run_uri, private_s3_server.storage_options(port=forwarder.port),
+                forwarder.pid, forwarder.port, timeout_s=OUTAGE_TIMEOUT_S,
+            )
+        assert time.monotonic() - started < OUTAGE_TIMEOUT_S
     finally:
-        private_s3_server.resume()
+        forwarder.stop()
 
+    options = private_s3_server.storage_options()
     fs = fresh_filesystem(run_uri, options)
-    # The DCP part had finished before the freeze. train_state.json may or may
-    # not exist: the server can still process a request it buffered while frozen.
-    assert DCP_AND_RNG_FILES <= set(object_sizes(fs, step_2))
+    [failed_save_dir] = save_dirs(fs, step_2)
+    assert set(object_sizes(fs, failed_save_dir)) == SAVE_DIR_FILES, "every file but the record was written"
     assert not fs.exists(join(step_2, COMMIT_MARKER))
     latest = latest_committed(fs, run_uri)
     assert latest is not None
     assert latest.step == 1
 
-    # A stray object from the failed attempt must not survive the retry at the same step.
-    fs.pipe_file(join(step_2, "__7_0.distcp"), b"stale shard")
     run_distributed(_resume_and_save_rank, WORLD_SIZE, run_uri, options)
 
     fs.invalidate_cache()
-    assert set(object_sizes(fs, step_2)) == DCP_AND_RNG_FILES | {TRAIN_STATE_FILE, COMMIT_MARKER}
+    assert save_dirs(fs, step_2) == [committed_save_dir(fs, step_2)], "the failed attempt's folder is removed"
+    assert committed_save_dir(fs, step_2) != failed_save_dir
+    assert set(object_sizes(fs, committed_save_dir(fs, step_2))) == SAVE_DIR_FILES
     # keep_last=1: step 1 is deleted once step 2 is committed.
     assert [info.step for info in list_checkpoints(fs, run_uri)] == [2]
     latest = latest_committed(fs, run_uri)

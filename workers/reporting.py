@@ -98,9 +98,13 @@ class ProgressReporter:
     def last_loss(self) -> float:
         return self._records[-1].loss if self._records else float("nan")
 
-    def checkpoint_saved(self, step: int, save_seconds: float) -> None:
+    def checkpoint_stalled(self, step: int, stall_s: float) -> None:
+        """Count the time the step loop was blocked starting a checkpoint save after ``step``."""
         if self._records and self._records[-1].step == step:
-            self._records[-1].checkpoint_s += save_seconds
+            self._records[-1].checkpoint_s += stall_s
+
+    def checkpoint_saved(self, step: int, save_seconds: float) -> None:
+        """Log a committed checkpoint and export its save duration (in the background for async saves)."""
         logger.info("run=%s attempt=%d step=%d checkpoint committed in %.2f s", self.run_name, self.attempt, step, save_seconds)
         if self._metrics_actor is not None:
             self._metrics_actor.record_checkpoint.remote(step, save_seconds)

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from service.catalog import checkpoint_uri, latest_committed, list_checkpoints
+from service.catalog import committed_newest_first
 from service.config import Config
 from service.storage import filesystem, join, read_json, write_json
-from workers.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_rank_rng
+from workers.async_save import Checkpointer
+from workers.checkpoint import SaveOutcome, TrainState, load_checkpoint, load_newest_valid, seed_rank_rng
 from workers.data import SampleOrder, TokenDataset, rank_micro_batches
 from workers.faults import fire_hang_faults, fire_kill_faults, slow_fault_delay_s, spike_multiplier
 from workers.model import ModelArgs, build_model
@@ -158,6 +159,13 @@ class Trainer:
         self.fsdp_units = apply_fsdp(self.model, mesh, param_dtype=config.parallel.param_dtype,
                                      reduce_dtype=config.parallel.reduce_dtype)
         self.optimizer = build_optimizer(self.model, config)
+        self.checkpointer = Checkpointer(
+            settings=config.checkpoint, run_uri=self.run_uri, storage_options=self.storage_options,
+            saved_config=self.saved_config, model=self.model, optimizer=self.optimizer,
+            world_rank=self.context.world_rank, world_size=self.context.world_size, total_steps=config.train.steps,
+            attempt=self.attempt, on_commit=self.on_checkpoint_committed,
+            metrics_actor=self.metrics_actor, log_prefix=f"run={config.run.name} attempt={self.attempt} ",
+        )
 
         self.dataset = TokenDataset(loop_config["dataset_uri"], config.model.seq_len, self.storage_options)
         self.order = SampleOrder(self.dataset.num_samples, config.run.seed)
@@ -208,19 +216,24 @@ class Trainer:
 
     # Hangs, stragglers and stop requests.
 
-    def on_hang(self, stalled_s: float, timeout_s: float) -> None:
-        """Called by the watchdog thread: record the hang, then end this rank."""
-        reason = (f"run={self.config.run.name} attempt={self.attempt} rank={self.context.world_rank} "
-                  f"step={self.current_step + 1} hang detected: no step completed for {stalled_s:.0f} s "
-                  f"(timeout {timeout_s:.0f} s)")
+    def record_hang(self, reason: str, details: dict[str, Any]) -> None:
+        """Log a hang and record it in storage and metrics (the restart cause)."""
+        logger.error("%s", reason)
+        path = join(self.run_uri, HANGS_DIR, f"attempt-{self.attempt:04d}-rank-{self.context.world_rank:05d}.json")
         try:
-            write_json(self.fs, join(self.run_uri, HANGS_DIR, f"attempt-{self.attempt:04d}-rank-{self.context.world_rank:05d}.json"),
-                       {"attempt": self.attempt, "rank": self.context.world_rank, "step": self.current_step + 1,
-                        "stalled_s": stalled_s, "timeout_s": timeout_s, "detected_at": time.time()})
+            write_json(self.fs, path, {"attempt": self.attempt, "rank": self.context.world_rank,
+                                       "step": self.current_step + 1, "detected_at": time.time(), **details})
         except OSError as error:  # the restart matters more than the record
             logger.warning("could not record the hang in storage: %s", error)
         if self.metrics_actor is not None:
             self.metrics_actor.record_hang.remote()
+
+    def on_hang(self, stalled_s: float, timeout_s: float) -> None:
+        """Called by the watchdog thread: record the hang, then end this rank."""
+        reason = (f"run={self.config.run.name} attempt={self.attempt} rank={self.context.world_rank} "
+                  f"step={self.current_step + 1} hang detected by the watchdog: no step completed for "
+                  f"{stalled_s:.0f} s (timeout {timeout_s:.0f} s)")
+        self.record_hang(reason, {"stalled_s": stalled_s, "timeout_s": timeout_s, "detector": "watchdog"})
         kill_this_process(reason)
 
     def poll_stop_requests(self) -> None:
@@ -273,9 +286,9 @@ class Trainer:
                  time.monotonic() - load_started)
 
     def resume(self) -> None:
-        latest = latest_committed(self.fs, self.run_uri)
-        if latest is not None:
-            self.load(latest.checkpoint_id)
+        # A checkpoint that fails verification is logged and skipped for the one before it.
+        if load_newest_valid(committed_newest_first(self.fs, self.run_uri), self.load,
+                             world_rank=self.context.world_rank) is not None:
             return
         seed_rank_rng(self.config.run.seed, 0, self.context.world_rank, self.context.world_size)
         self.data_skips = DataSkips(self.read_run_skips())
@@ -292,12 +305,14 @@ class Trainer:
 
         Return False (and change nothing) when no such checkpoint exists.
         """
-        candidates = [info for info in list_checkpoints(self.fs, self.run_uri) if info.usable and info.step < spike_step]
+        # A background save may be about to commit the checkpoint this rollback needs.
+        self.checkpointer.wait()
+        candidates = committed_newest_first(self.fs, self.run_uri, before_step=spike_step)
         if not candidates:
             self.log(logging.WARNING, "step=%d rollback impossible: no committed checkpoint before it; skipping the step instead",
                      spike_step)
             return False
-        target = candidates[-1]
+        target = candidates[0]
         first_batch = self.data_skips.batch_for_step(target.step + 1)
         spike_batch = self.data_skips.batch_for_step(spike_step)
         count = max(self.config.stability.rollback_skip_batches, spike_batch - first_batch + 1)
@@ -306,7 +321,7 @@ class Trainer:
         if self.is_rank0:
             write_json(self.fs, join(self.run_uri, DATA_SKIPS_FILE), {"ranges": skips.to_list()})
         dist.barrier()
-        self.load(target.checkpoint_id)
+        target, _ = load_newest_valid(candidates, self.load, world_rank=self.context.world_rank)
         self.data_skips = DataSkips(self.read_run_skips())
         self.log(logging.WARNING, "step=%d rolled back to step %d; skipping batches %d..%d (samples %d..%d of the order)",
                  spike_step, target.step, first_batch, first_batch + count - 1,
@@ -374,27 +389,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return decision.action, gradients.loss, gradients.grad_norm, gradients.target_tokens, decision.events
 
-    def save(self, step: int, loss: float) -> None:
-        config = self.config
+    def save(self, step: int, loss: float, reason: str = "interval") -> None:
+        """Save a checkpoint of ``step``; a collective that every rank calls at the same step.
+
+        The write goes on in the background; reasons "final", "sigterm" and "preemption" return only
+        after the checkpoint committed (see workers.async_save.Checkpointer.save).
+        """
         self.train_state.stability = self.monitor.state_dict()
         self.train_state.data_skips = self.data_skips.to_list()
         self.train_state.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
-        checkpoint_id = checkpoint_uri(self.run_uri, step)
         with self.watchdog.paused():
-            save_seconds = self._save_checkpoint(checkpoint_id, step, loss)
+            stall_s = self.checkpointer.save(step, self.train_state, loss=loss, reason=reason)
         self.last_saved_step = step
         if self.reporter is not None:
-            self.reporter.checkpoint_saved(step, save_seconds)
-        report_checkpoint_to_ray(step, checkpoint_id, {"loss": loss, "tokens_seen": self.train_state.tokens_seen})
+            self.reporter.checkpoint_stalled(step, stall_s)
 
-    def _save_checkpoint(self, checkpoint_id: str, step: int, loss: float) -> float:
-        config = self.config
-        return save_checkpoint(
-            checkpoint_id, model=self.model, optimizer=self.optimizer, train_state=self.train_state,
-            run_uri=self.run_uri, config=self.saved_config, world_rank=self.context.world_rank,
-            world_size=self.context.world_size, storage_options=self.storage_options,
-            keep_last=config.checkpoint.keep_last, extra={"loss": loss, "attempt": self.attempt},
-        )
+    def on_checkpoint_committed(self, outcome: SaveOutcome, stall_s: float) -> None:
+        """Report a committed checkpoint; the checkpointer calls this on every rank at the same step."""
+        if self.reporter is not None:
+            self.reporter.checkpoint_saved(outcome.step, outcome.duration_s)
+        report_checkpoint_to_ray(outcome.step, outcome.checkpoint_id, {"loss": outcome.loss, "tokens_seen": outcome.tokens_seen})
 
     def abort(self, error: SpikeAbort, step: int) -> None:
         if self.is_rank0:
@@ -418,6 +432,7 @@ class Trainer:
         finally:
             self.watchdog.stop()
 
+        self.checkpointer.close()
         if self.last_saved_step != config.train.steps:
             # Tell Ray Train the run finished even when the last step was not saved.
             ray.train.report({"step": self.train_state.step, "tokens_seen": self.train_state.tokens_seen})
@@ -431,6 +446,15 @@ class Trainer:
             action, loss, grad_norm, tokens, events = self.run_step(step)
         except SpikeAbort as error:
             self.abort(error, step)
+            raise
+        except RuntimeError as error:
+            # gloo and NCCL report a collective past the process-group timeout this way.
+            if "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower():
+                self.record_hang(
+                    f"run={config.run.name} attempt={self.attempt} rank={self.context.world_rank} step={step} "
+                    f"hang detected: a collective timed out after {config.fault_tolerance.collective_timeout_s:.0f} s",
+                    {"detector": "collective_timeout", "error": str(error)[:500]},
+                )
             raise
         duration_s = time.perf_counter() - started
         self.watchdog.step_done(duration_s)
@@ -453,15 +477,15 @@ class Trainer:
         if self.reporter is not None:
             self.reporter.add(record)
 
-        every = config.checkpoint.every_steps
-        if (every is not None and step % every == 0) or (config.checkpoint.save_final and step == config.train.steps):
-            self.save(step, loss)
+        reason = self.checkpointer.due(step)
+        if reason is not None:
+            self.save(step, loss, reason=reason)
 
         if step % config.train.log_every == 0 or step == config.train.steps:
             self.check_stragglers()
             if self.preemption_imminent() and self.last_saved_step != step:
                 self.log(logging.WARNING, "step=%d a node of this worker group is being preempted: saving now", step)
-                self.save(step, loss)
+                self.save(step, loss, reason="preemption")
             if self.reporter is not None:
                 self.reporter.flush()
         return step
@@ -474,11 +498,12 @@ class Trainer:
         """Save (unless this step is already saved) and return cleanly: the driver was asked to stop."""
         if self.last_saved_step != step:
             self.log(logging.WARNING, "step=%d stop requested (SIGTERM to the driver): saving a checkpoint", step)
-            self.save(step, self.reporter.last_loss if self.reporter is not None else float("nan"))
+            self.save(step, self.reporter.last_loss if self.reporter is not None else float("nan"), reason="sigterm")
         else:
             self.log(logging.WARNING, "step=%d stop requested; the latest checkpoint is this step", step)
         if self.reporter is not None:
             self.reporter.flush()
+        self.checkpointer.close()
         ray.train.report({"step": step, "tokens_seen": self.train_state.tokens_seen, "stopped": True})
 
     def record(self, step: int, loss: float, grad_norm: float, tokens: int, action: str,
