@@ -37,6 +37,9 @@ class RunSection(Section):
     name: str = Field("stalwart-demo", pattern=RUN_NAME_PATTERN, description="Run name; a run with committed checkpoints in storage resumes.")
     seed: int = Field(1234, description="Seed for weight init, data order and per-rank RNG streams.")
     max_failures: NonNegativeInt = Field(3, description="Worker-group restarts Ray Train allows before the run fails.")
+    record_samples: bool = Field(
+        False, description="Test mode: store the sample indices every rank trained on in the step history (one gather per step)."
+    )
 
 
 class StorageSection(Section):
@@ -190,8 +193,9 @@ class CheckpointSection(Section):
         "'skip' drops the new one. Final, SIGTERM and preemption saves always wait.",
     )
     max_inflight_steps: PositiveInt | None = Field(
-        None, description="Block training when a background save is still running this many steps after its step; "
-        "None: wait only when the next save is due or the run ends.",
+        1, description="Steps a background save may overlap: after that many steps training waits for its commit, so a "
+        "crash can lose at most that much more than the checkpoint interval. None: wait only when the next save is due "
+        "or the run ends (the least stall when uploads take longer than a step).",
     )
     retry_initial_backoff_s: float = Field(5.0, gt=0, description="Seconds before the first retry after a failed save; doubles per failure.")
     retry_max_backoff_s: float = Field(300.0, gt=0, description="Longest wait between save retries, in seconds.")
@@ -214,6 +218,21 @@ class MetricsSection(Section):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Address the Prometheus endpoint listens on.")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(9464, description="Port of the Prometheus endpoint; 0 picks a free one.")
+    peak_flops_per_device: float | None = Field(
+        None, gt=0,
+        description="Peak FLOP/s of one device, the denominator of MFU (model FLOPs utilization). None looks the GPU "
+        "up in the table of workers/flops.py; on CPU, or on a GPU not in the table, MFU is not reported.",
+    )
+
+
+class WandbSection(Section):
+    enabled: bool = Field(False, description="Log metrics to Weights & Biases (needs the `tracking` extra: pip install 'stalwart[tracking]').")
+    project: str = "stalwart"
+    entity: str | None = Field(None, description="W&B team or user; None uses the default of the API key.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline writes the run under dir only; upload it later with `wandb sync`.",
+    )
+    dir: str | None = Field(None, description="Local folder for W&B files; None: the folder the driver runs in.")
 
 
 Policy = Literal["log", "skip", "rollback"]
@@ -307,6 +326,7 @@ class Config(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
     stability: StabilitySection = Field(default_factory=StabilitySection)
     fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
     faults: list[Annotated[KillFault | HangFault | SlowFault | SpikeFault, Field(discriminator="kind")]] = Field(

@@ -34,7 +34,7 @@ CHECKPOINT_EVERY = 10
 
 def tiny_config(storage: str, name: str, **sections: dict) -> dict:
     tree = {
-        "run": {"name": name, "seed": 7, "max_failures": 2},
+        "run": {"name": name, "seed": 7, "max_failures": 2, "record_samples": True},
         "storage": {"uri": storage},
         "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "seq_len": 64},
         "data": {"max_files": 40},
@@ -175,3 +175,17 @@ def test_ray_listens_on_loopback_only(clean_run):
     assert ours, "found no listening socket of the Ray processes; is ss able to see process ids?"
     exposed = [line for line in ours if not _is_loopback(line.split()[3].rsplit(":", 1)[0])]
     assert not exposed, "sockets listening beyond loopback:\n" + "\n".join(exposed)
+
+
+def consumed_samples(records: list[dict], up_to_step: int) -> list[int]:
+    """Return the sorted multiset of sample indices behind the final run of steps 1..up_to_step."""
+    final = {record["step"]: record for record in records}
+    return sorted(index for step in range(1, up_to_step + 1) for index in final[step]["samples"])
+
+
+def test_killed_run_consumes_same_samples(clean_run, killed_run, storage):
+    clean = read_history(run_uri(storage, "clean"))
+    killed = read_history(run_uri(storage, "killed"))
+    assert consumed_samples(killed, STEPS) == consumed_samples(clean, STEPS)
+    # Each step trains on exactly one global batch: no repeats inside an epoch's first steps.
+    assert len(set(consumed_samples(clean, STEPS))) == STEPS * 8

@@ -24,7 +24,7 @@ from workers.reporting import final_losses, read_history
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
-STEPS = 60
+STEPS = 150
 REMOVE_AT_STEP = 22  # after the checkpoint at step 20
 ADD_BACK_AFTER_STEP = 35  # at world size 1
 LOSS_TOLERANCE = 1e-3
@@ -32,7 +32,7 @@ LOSS_TOLERANCE = 1e-3
 
 def elastic_config(storage: str, name: str, num_workers) -> dict:
     return {
-        "run": {"name": name, "seed": 3, "max_failures": 5},
+        "run": {"name": name, "seed": 3, "max_failures": 5, "record_samples": True},
         "storage": {"uri": storage},
         "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "seq_len": 64},
         "data": {"max_files": 40},
@@ -96,6 +96,8 @@ def runs(cluster, tmp_path_factory):
     _wait(lambda: bool(_records_where(run_uri, lambda r: r["world_size"] == 1 and r["step"] >= ADD_BACK_AFTER_STEP)),
           400, "training at world size 1", errors)
     nodes.append(fake.add_node(num_cpus=1))
+    _wait(lambda: bool(_records_where(run_uri, lambda r: r["world_size"] == 2 and r["step"] > ADD_BACK_AFTER_STEP)),
+          400, "the worker group to grow back to 2", errors)
     thread.join(timeout=600)
     assert not thread.is_alive(), "the elastic run did not finish within 600 s after the node came back"
     assert not errors, f"the elastic run failed: {errors[0]!r}"
@@ -128,3 +130,12 @@ def test_elastic_losses_match_reference(runs):
     assert len(compared) >= 30
     worst = max(abs(elastic[step] - reference[step]) for step in compared)
     assert worst <= LOSS_TOLERANCE, f"max |loss difference| after the resize {worst:.2e} exceeds {LOSS_TOLERANCE}"
+
+
+def test_elastic_run_consumes_same_samples(runs):
+    """Across the shrink and the growth, the samples behind the final steps are those of the reference run."""
+    storage, _, _ = runs
+    final_reference = {record["step"]: record for record in read_history(f"{storage}/reference")}
+    final_elastic = {record["step"]: record for record in read_history(f"{storage}/elastic")}
+    for step in range(1, STEPS + 1):
+        assert final_elastic[step]["samples"] == final_reference[step]["samples"], f"step {step} trained on other samples"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from service.storage import filesystem, join, write_bytes
+from workers.flops import mfu
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class StepRecord:
     events: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0  # compute and update time of the step, checkpoint save excluded
     checkpoint_s: float = 0.0  # time the step loop was blocked saving a checkpoint after this step
+    samples: list[int] | None = None  # sample indices of the step, all ranks (run.record_samples only)
 
 
 def attempt_dir_name(attempt: int) -> str:
@@ -46,8 +48,12 @@ class ProgressReporter:
     """Buffers step records on rank 0 and flushes them every logging interval."""
 
     def __init__(self, *, run_name: str, run_uri: str, attempt: int, world_size: int,
-                 storage_options: dict[str, Any], metrics_actor: Any | None, total_steps: int):
+                 storage_options: dict[str, Any], metrics_actor: Any | None, total_steps: int,
+                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None):
         self.run_name = run_name
+        # MFU needs both; without a peak (CPU, or a GPU not in the table) it is not reported.
+        self.flops_per_token = flops_per_token
+        self.peak_flops_per_device = peak_flops_per_device
         self.attempt = attempt
         self.world_size = world_size
         self.total_steps = total_steps
@@ -73,21 +79,26 @@ class ProgressReporter:
         skipped = sum(record.skipped for record in records)
         events = [event for record in records for event in record.events]
         tokens_per_second = tokens / elapsed_s
+        mfu_ratio = None
+        if self.flops_per_token and self.peak_flops_per_device:
+            mfu_ratio = mfu(tokens_per_second, self.flops_per_token, self.peak_flops_per_device, self.world_size)
 
         payload = "".join(json.dumps(asdict(record)) + "\n" for record in records).encode("utf-8")
         self._part += 1
         write_bytes(self._fs, join(self._history_uri, f"part-{self._part:06d}.jsonl"), payload)
 
         logger.info(
-            "run=%s attempt=%d step=%d/%d loss=%.4f lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+            "run=%s attempt=%d step=%d/%d loss=%.4f lr=%.3e grad_norm=%.3f tokens/s=%.0f%s%s",
             self.run_name, self.attempt, last.step, self.total_steps, last.loss, last.lr,
-            last.grad_norm, tokens_per_second, f" skipped={skipped}" if skipped else "",
+            last.grad_norm, tokens_per_second, "" if mfu_ratio is None else f" mfu={mfu_ratio:.2%}",
+            f" skipped={skipped}" if skipped else "",
         )
         if self._metrics_actor is not None:
             self._metrics_actor.record_progress.remote(
                 {
                     "step": last.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
                     "tokens_per_second": tokens_per_second, "tokens": tokens, "skipped_steps": skipped,
+                    "mfu": mfu_ratio,
                     "events": events,
                     "steps": [[record.attempt, record.step, record.time, record.duration_s] for record in records],
                     "checkpoint_s": sum(record.checkpoint_s for record in records),

@@ -28,6 +28,7 @@ from workers.async_save import Checkpointer
 from workers.checkpoint import SaveOutcome, TrainState, load_checkpoint, load_newest_valid, seed_rank_rng
 from workers.data import SampleOrder, TokenDataset, rank_micro_batches
 from workers.faults import fire_hang_faults, fire_kill_faults, slow_fault_delay_s, spike_multiplier
+from workers.flops import current_device_peak, training_flops_per_token
 from workers.model import ModelArgs, build_model
 from workers.parallel import apply_fsdp
 from workers.reporting import ProgressReporter, StepRecord
@@ -186,13 +187,27 @@ class Trainer:
             step_multiple=tolerance.hang_timeout_step_multiple, on_hang=self.on_hang,
         )
         self.current_step = 0
+        self.step_samples: list[int] | None = None
         self.reporter = None
         if self.is_rank0:
             self.reporter = ProgressReporter(
                 run_name=config.run.name, run_uri=self.run_uri, attempt=self.attempt,
                 world_size=self.context.world_size, storage_options=self.storage_options,
                 metrics_actor=self.metrics_actor, total_steps=config.train.steps,
+                flops_per_token=training_flops_per_token(model_args(config)),
+                peak_flops_per_device=self.peak_flops_per_device(),
             )
+
+    def peak_flops_per_device(self) -> float | None:
+        """Return the MFU denominator: metrics.peak_flops_per_device, else the GPU's table entry, else None."""
+        configured = self.config.metrics.peak_flops_per_device
+        if configured is not None or self.context.device.type != "cuda":
+            return configured
+        name, peak = current_device_peak(self.context.local_rank)
+        if peak is None:
+            self.log(logging.WARNING, "no peak FLOP/s known for %s; set metrics.peak_flops_per_device to report MFU", name)
+            return None
+        return peak.flops
 
     def log(self, level: int, message: str, *args: Any) -> None:
         """Log from rank 0 with the run and attempt in front."""
@@ -335,7 +350,17 @@ class Trainer:
         batch_id = self.data_skips.batch_for_step(step)
         indices = self.order.global_batch(batch_id, config.train.global_batch)
         chunks = rank_micro_batches(indices, self.context.world_rank, self.context.world_size, config.train.micro_batch)
-        return [self.dataset.micro_batch(chunk) for chunk in chunks]
+        batches = [self.dataset.micro_batch(chunk) for chunk in chunks]
+        if config.run.record_samples:
+            self.step_samples = self.gather_samples(batches)
+        return batches
+
+    def gather_samples(self, batches: list) -> list[int]:
+        """Test mode: collect the sample indices each rank really trains on this step (rank 0 keeps them)."""
+        local = torch.tensor([index for batch in batches for index in batch.sample_indices], dtype=torch.int64)
+        gathered = [torch.zeros_like(local) for _ in range(self.context.world_size)]
+        dist.all_gather(gathered, local)
+        return sorted(int(index) for tensor in gathered for index in tensor.tolist())
 
     def learning_rate(self, step: int) -> float:
         schedule = self.config.schedule
@@ -511,7 +536,7 @@ class Trainer:
         return StepRecord(step=step, loss=loss, grad_norm=grad_norm, lr=self.learning_rate(step), tokens=tokens,
                           skipped=action != "step", action=action, events=[event.to_dict() for event in events],
                           attempt=self.attempt, world_size=self.context.world_size, time=time.time(),
-                          duration_s=duration_s)
+                          duration_s=duration_s, samples=self.step_samples)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
