@@ -47,7 +47,8 @@ def main() -> int:
     overrides = [
         f"run.name={run_name}", f"storage.uri={storage}", "run.max_failures=100",
         "model.n_layers=2", "model.dim=64", "model.seq_len=64", "data.max_files=40",
-        "train.global_batch=8", "train.micro_batch=2", "train.log_every=5", f"train.steps={args.steps}",
+        # Flush the history every step, so no finished step of a killed attempt goes unrecorded.
+        "train.global_batch=8", "train.micro_batch=2", "train.log_every=1", f"train.steps={args.steps}",
         f"checkpoint.every_steps={args.checkpoint_every}", "checkpoint.keep_last=2", "metrics.port=0",
         f"faults={json.dumps(kills)}",
     ]

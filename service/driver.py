@@ -23,6 +23,7 @@ from service.config import Config, ConfigError, redact_secrets
 from service.goodput import PARTS as GOODPUT_PARTS
 from service.metrics import MetricsActor, metrics_actor_name
 from service.prepare import prepare_dataset
+from service.tracking import wandb_installed
 from service.storage import absolute_uri, filesystem, is_local, join, read_json
 from workers.reporting import final_losses, read_history
 from workers.train_loop import ABORT_FILE, train_func
@@ -31,10 +32,14 @@ logger = logging.getLogger(__name__)
 
 # Exit status of a run stopped by SIGTERM before its last step (128 + SIGTERM, the shell convention).
 EXIT_STOPPED = 143
+# Upper bound on closing the W&B run at the end (an online run uploads what is left).
+TRACKING_FINISH_TIMEOUT_S = 300
 
-# Environment the driver passes to the training workers (Ray propagates RAY_TRAIN_* itself).
-WORKER_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                   "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Non-secret storage settings the driver passes to the training workers. Credentials are never
+# passed: Ray stores a runtime_env in its cluster metadata, where the dashboard and the state API
+# show it. Workers read credentials from their own node's environment (the embedded cluster's
+# processes inherit the driver's; on Kubernetes, a Secret mounted as environment variables).
+WORKER_ENV_KEYS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 @dataclass
@@ -52,16 +57,19 @@ class RunSummary:
     events: list[dict[str, Any]]
     goodput: dict[str, float]
     stopped: bool  # ended early on a stop request; the same command resumes it
+    mfu: float | None = None  # mean MFU over logging intervals; None without a peak FLOP/s
 
     def lines(self) -> list[str]:
         rate = self.tokens / self.wall_s if self.wall_s > 0 else 0.0
         loss = "n/a" if self.first_loss is None else f"{self.first_loss:.3f} -> {self.last_loss:.3f}"
         committed = ", ".join(str(step) for step in self.committed_steps) or "none"
+        mfu = "n/a (no peak FLOP/s known: set metrics.peak_flops_per_device)" if self.mfu is None else f"{self.mfu:.2%}"
         return [
             f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f} s ({rate:,.0f} tokens/s)",
             f"  loss {loss}; restarts {self.restarts}; skipped steps {self.skipped_steps}",
             "  goodput {:.1%}: ".format(self.goodput.get("productive", 0.0) / max(self.goodput.get("total", 0.0), 1e-9))
             + ", ".join(f"{part} {self.goodput.get(part, 0.0):.1f} s" for part in GOODPUT_PARTS),
+            f"  MFU {mfu}",
             f"  committed checkpoints at steps: {committed}",
             f"  stability events: {len(self.events) or 'none'}",
             *(
@@ -133,11 +141,19 @@ def start_ray(address: str | None) -> bool:
 
 
 def start_metrics(config: Config) -> Any:
-    """Start the run's actor on this node: it serves metrics (when enabled) and carries stop requests."""
+    """Start the run's actor on this node: it serves metrics (when enabled), logs to W&B and carries stop requests."""
+    wandb_settings = None
+    if config.wandb.enabled:
+        if not wandb_installed():
+            raise ConfigError("wandb.enabled=true needs the wandb package; run pip install 'stalwart[tracking]' "
+                              "or set wandb.enabled=false")
+        # The actor runs on this node, so a relative folder is resolved against the driver's folder.
+        wandb_settings = {**config.wandb.model_dump(), "dir": os.path.abspath(config.wandb.dir or ".")}
     actor = MetricsActor.options(
         name=metrics_actor_name(config.run.name),
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(config.run.name, config.metrics.host, config.metrics.port, serve=config.metrics.enabled)
+    ).remote(config.run.name, config.metrics.host, config.metrics.port, serve=config.metrics.enabled,
+             wandb_settings=wandb_settings, run_config=redact_secrets(config.model_dump(mode="json")))
     host, port = ray.get(actor.address.remote())
     if port is not None:
         logger.info("metrics at http://%s:%d/metrics", host, port)
@@ -248,6 +264,14 @@ def check_not_aborted(config: Config, run_uri: str) -> None:
         )
 
 
+def finish_tracking(config: Config, metrics_actor: Any) -> None:
+    """Close the run's W&B run, if any; a failure is logged and does not hide the run's own outcome."""
+    try:
+        ray.get(metrics_actor.finish_tracking.remote(), timeout=TRACKING_FINISH_TIMEOUT_S)
+    except ray.exceptions.RayError as error:
+        logger.error("run %s: closing the W&B run failed: %s", config.run.name, error)
+
+
 def run_training(config: Config, address: str | None = None, metrics_actor: Any | None = None) -> RunSummary:
     """Run (or resume) the job described by ``config`` to completion and return its summary.
 
@@ -268,9 +292,14 @@ def run_training(config: Config, address: str | None = None, metrics_actor: Any 
     ray.get(metrics_actor.mark_known_steps.remote(sorted(final_losses(read_history(run_uri, config.storage.options)))))
     trainer = build_trainer(config, run_uri, dataset_uri, metrics_actor_name(config.run.name))
     logger.info("run %s: %s workers, storage %s", config.run.name, config.scaling.num_workers, run_uri)
-    with stop_on_sigterm(config, metrics_actor):
-        trainer.fit()
+    try:
+        with stop_on_sigterm(config, metrics_actor):
+            trainer.fit()
+    finally:
+        finish_tracking(config, metrics_actor)
 
     restarts = ray.get(metrics_actor.restarts.remote())
     goodput = ray.get(metrics_actor.goodput_parts.remote())
-    return summarize(config, run_uri, time.monotonic() - started, restarts, goodput)
+    summary = summarize(config, run_uri, time.monotonic() - started, restarts, goodput)
+    summary.mfu = ray.get(metrics_actor.mean_mfu.remote())
+    return summary
