@@ -169,6 +169,9 @@ def _is_loopback(host: str) -> bool:
 
 def test_ray_listens_on_loopback_only(clean_run):
     # Ray's raylet, GCS and workers are started by this process or by the raylet.
+    # NOTE: this runs after training. While training runs, rank 0 also hosts torch's
+    # TCPStore rendezvous server, which torch 2.13 binds to every interface (it has no
+    # bind-address setting); README.md lists that under Limits.
     pids = _descendant_pids(os.getpid()) | {os.getpid()}
     listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
     ours = [line for line in listing.splitlines() if any(f"pid={pid}," in line for pid in pids)]
