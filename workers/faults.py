@@ -28,35 +28,39 @@ def _marker(run_uri: str, name: str) -> str:
     return join(run_uri, FAULTS_DIR, f"{name}.json")
 
 
-def fire_kill_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:
-    """Kill this rank with SIGKILL if a kill fault is due here."""
+def _due_once(config: Config, kind: type, run_uri: str, storage_options: dict[str, Any], step: int,
+              world_rank: int) -> KillFault | HangFault | None:
+    """Return the fault of type ``kind`` due for this rank at ``step``, after claiming its marker; None if none is due."""
     for fault in config.faults:
-        if not isinstance(fault, KillFault) or fault.rank != world_rank or fault.step != step:
+        if not isinstance(fault, kind) or fault.rank != world_rank or fault.step != step:
             continue
         fs = filesystem(run_uri, storage_options)
-        marker = _marker(run_uri, f"kill-rank{fault.rank}-step{fault.step}")
+        marker = _marker(run_uri, f"{fault.kind}-rank{fault.rank}-step{fault.step}")
         if fs.exists(marker):
             continue
-        write_json(fs, marker, {"kind": "kill", "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
-        logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", world_rank, os.getpid(), step)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        write_json(fs, marker, {"kind": fault.kind, "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
+        return fault
+    return None
+
+
+def fire_kill_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:
+    """Kill this rank with SIGKILL if a kill fault is due here."""
+    if _due_once(config, KillFault, run_uri, storage_options, step, world_rank) is None:
+        return
+    logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", world_rank, os.getpid(), step)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fire_hang_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:
-    """Block this rank for the fault's duration if a hang fault is due here (once per run)."""
-    for fault in config.faults:
-        if not isinstance(fault, HangFault) or fault.rank != world_rank or fault.step != step:
-            continue
-        fs = filesystem(run_uri, storage_options)
-        marker = _marker(run_uri, f"hang-rank{fault.rank}-step{fault.step}")
-        if fs.exists(marker):
-            continue
-        write_json(fs, marker, {"kind": "hang", "rank": fault.rank, "step": fault.step, "fired_at": time.time()})
-        logger.warning("fault injection: rank %d hangs for up to %.0f s at step %d", world_rank, fault.seconds, step)
-        deadline = time.monotonic() + fault.seconds
-        while time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    """Block this rank for the fault's duration if a hang fault is due here."""
+    fault = _due_once(config, HangFault, run_uri, storage_options, step, world_rank)
+    if fault is None:
+        return
+    logger.warning("fault injection: rank %d hangs for up to %.0f s at step %d", world_rank, fault.seconds, step)
+    deadline = time.monotonic() + fault.seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def slow_fault_delay_s(config: Config, step: int, world_rank: int) -> float:
