@@ -412,7 +412,11 @@ def apply_retention(fs: fsspec.AbstractFileSystem, run_uri: str, keep_last: Keep
             logger.info("deleting uncommitted checkpoint folder %s (older than the newest committed step %d)", info.checkpoint_id, newest)
             fs.rm(info.checkpoint_id, recursive=True)
         elif len(info.save_dirs) > 1:
-            record = read_commit_record(fs, info.checkpoint_id)
+            try:
+                record = read_commit_record(fs, info.checkpoint_id)
+            except CheckpointIntegrityError as error:  # which folder is garbage is unknown: keep them all
+                logger.warning("not cleaning %s: %s", info.checkpoint_id, error)
+                continue
             removed = remove_stale_save_dirs(fs, info, record.save_dir)
             logger.info("deleted save folders of aborted attempts in %s: %s", info.checkpoint_id, removed)
     return deleted

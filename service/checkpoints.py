@@ -180,7 +180,7 @@ def read_model_tensors(fs: Any, checkpoint_id: str, storage_options: dict[str, A
         if fqn.startswith(MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)
     }
     if not tensors:
-        raise CheckpointIntegrityError(f"{checkpoint_id} holds no model tensors")
+        raise CheckpointIntegrityError(f"{checkpoint_id} contains no model tensors")
     state = {"model": tensors}
     dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return state["model"], saved

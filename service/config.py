@@ -124,12 +124,60 @@ class ScheduleSection(Section):
         return name
 
 
+Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"]
+FSDP_STRATEGIES = ("zero2", "zero3", "fsdp", "hsdp")
+
+
 class ParallelSection(Section):
-    strategy: Literal["fsdp"] = Field("fsdp", description="FSDP2 full shard: parameters, gradients and optimizer state sharded.")
-    param_dtype: DType = Field("float32", description="Dtype of parameters during forward and backward.")
-    reduce_dtype: DType = Field("float32", description="Dtype of the gradient reduce-scatter.")
+    strategy: Strategy = Field(
+        "fsdp",
+        description="ddp: replicated parameters, gradients and optimizer state; zero1: DDP with the optimizer state "
+        "sharded; zero2: FSDP2 that keeps parameters unsharded from forward to backward; zero3 or fsdp: FSDP2 full "
+        "shard; hsdp: FSDP2 sharded within groups of hsdp_shard_size ranks and replicated across groups. See docs/parallelism.md.",
+    )
+    param_dtype: DType = Field(
+        "float32", description="Compute dtype of forward and backward. Parameters, gradients and optimizer state stay float32.",
+    )
+    reduce_dtype: DType = Field("float32", description="Dtype of the gradient reduce-scatter (FSDP strategies only).")
     init_loss_scale: float = Field(2.0**16, gt=0, description="float16 only: initial dynamic loss scale.")
     loss_scale_growth_interval: PositiveInt = Field(1000, description="float16 only: overflow-free steps before the scale doubles.")
+    min_loss_scale: float = Field(1.0, gt=0, description="float16 only: the dynamic loss scale never drops below this.")
+    hsdp_shard_size: PositiveInt | None = Field(
+        None, description="hsdp only: ranks in each shard group, for example the GPUs of one node; must divide the world size.",
+    )
+    cpu_offload: bool = Field(
+        False, description="FSDP strategies only: keep sharded parameters, gradients and optimizer state in host memory "
+        "and run the optimizer step there.",
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute block activations in backward: none, full (every block), or selective "
+        "(blocks 0, k, 2k, ... with k = checkpoint_every).",
+    )
+    checkpoint_every: PositiveInt = Field(2, description="selective activation checkpointing: recompute every k-th block.")
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="Ranks that split each attention and MLP projection (with sequence parallelism); must divide the "
+        "world size. 1 disables tensor parallelism. Works with fsdp, zero3 and zero2.",
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ParallelSection":
+        strategy = self.strategy
+        if strategy == "hsdp" and self.hsdp_shard_size is None:
+            raise ValueError("parallel.strategy='hsdp' needs parallel.hsdp_shard_size (ranks per shard group); "
+                             "set it to a divisor of scaling.num_workers, for example the GPUs per node")
+        if strategy != "hsdp" and self.hsdp_shard_size is not None:
+            raise ValueError(f"parallel.hsdp_shard_size={self.hsdp_shard_size} applies only to strategy 'hsdp', "
+                             f"not {strategy!r}; remove it or set parallel.strategy=hsdp")
+        if self.cpu_offload and strategy not in FSDP_STRATEGIES:
+            raise ValueError(f"parallel.cpu_offload=true needs an FSDP strategy ({', '.join(FSDP_STRATEGIES)}), "
+                             f"not {strategy!r}; change parallel.strategy or turn offload off")
+        if self.reduce_dtype != "float32" and strategy not in FSDP_STRATEGIES:
+            raise ValueError(f"parallel.reduce_dtype={self.reduce_dtype!r} needs an FSDP strategy: {strategy!r} "
+                             "all-reduces float32 gradients; set parallel.reduce_dtype=float32")
+        if self.tensor_parallel_size > 1 and strategy not in ("fsdp", "zero3", "zero2"):
+            raise ValueError(f"parallel.tensor_parallel_size={self.tensor_parallel_size} works with strategies fsdp, "
+                             f"zero3 and zero2, not {strategy!r}; change parallel.strategy or set tensor_parallel_size=1")
+        return self
 
 
 class ScalingSection(Section):
@@ -372,6 +420,30 @@ class Config(Section):
                 "parallel.reduce_dtype='float16' with param_dtype='float16' sums gradients over ranks in float16, "
                 "which overflows; set parallel.reduce_dtype to 'float32'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_parallel_layout(self) -> "Config":
+        parallel = self.parallel
+        for name, size in (("hsdp_shard_size", parallel.hsdp_shard_size), ("tensor_parallel_size", parallel.tensor_parallel_size)):
+            unfit = [world for world in self.scaling.world_sizes if size is not None and world % size]
+            if unfit:
+                raise ValueError(f"parallel.{name}={size} does not divide the world size {unfit[0]} of scaling.num_workers; "
+                                 "choose a divisor of every world size the run may have")
+        tp_size = parallel.tensor_parallel_size
+        if tp_size > 1:
+            model = self.model
+            ffn_hidden = model.ffn_hidden or 64 * math.ceil(int(8 * model.dim / 3) / 64)
+            sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads or model.n_heads,
+                     "the SwiGLU hidden width": ffn_hidden, "model.vocab_size": model.vocab_size,
+                     "model.seq_len": model.seq_len}
+            for name, value in sizes.items():
+                if value % tp_size:
+                    raise ValueError(f"{name}={value} is not divisible by parallel.tensor_parallel_size={tp_size}; "
+                                     "tensor parallelism splits it evenly across ranks, so choose sizes that divide")
+            if model.tie_embeddings:
+                raise ValueError("model.tie_embeddings=true is not supported with parallel.tensor_parallel_size > 1; "
+                                 "untie the embeddings or set tensor_parallel_size=1")
         return self
 
     @property

@@ -18,6 +18,7 @@ import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.goodput import PARTS, GoodputTracker
+from service.tracking import open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ CHECKPOINT_SIZE_BYTES = f"{METRIC_PREFIX}_checkpoint_size_bytes"  # gauge: the n
 CHECKPOINT_WRITTEN_BYTES = f"{METRIC_PREFIX}_checkpoint_written_bytes"  # counter
 CHECKPOINT_FAILURES = f"{METRIC_PREFIX}_checkpoint_failures"  # counter
 CHECKPOINT_SKIPPED = f"{METRIC_PREFIX}_checkpoint_skipped"  # counter
+CHECKPOINT_LOAD_SECONDS = f"{METRIC_PREFIX}_checkpoint_load_seconds"  # histogram
+CHECKPOINT_LOADED_BYTES = f"{METRIC_PREFIX}_checkpoint_loaded_bytes"  # counter
 LAST_COMMITTED_STEP = f"{METRIC_PREFIX}_last_committed_step"
 WORLD_SIZE = f"{METRIC_PREFIX}_world_size"
 STABILITY_EVENTS = f"{METRIC_PREFIX}_stability_events"  # counter, labels detector and action
@@ -43,8 +46,14 @@ HANGS = f"{METRIC_PREFIX}_hangs"  # counter
 RANK_BUSY_SECONDS = f"{METRIC_PREFIX}_rank_busy_seconds"  # gauge, label rank
 STRAGGLER = f"{METRIC_PREFIX}_straggler"  # gauge 0/1, label rank
 GOODPUT_RATIO = f"{METRIC_PREFIX}_goodput_ratio"
+MFU_RATIO = f"{METRIC_PREFIX}_mfu_ratio"  # gauge, absent while no peak FLOP/s is known
+START_TIME_SECONDS = f"{METRIC_PREFIX}_start_time_seconds"  # gauge: Unix time
+LAST_CHECKPOINT_TIMESTAMP_SECONDS = f"{METRIC_PREFIX}_last_checkpoint_timestamp_seconds"  # gauge: Unix time
 WALL_SECONDS = f"{METRIC_PREFIX}_wall_seconds"  # gauge, label part
 RESTART_CAUSES = ("failure", "hang")
+# Every value workers.stability.StabilityEvent takes, so each series exists (at 0) before its first event.
+STABILITY_DETECTORS = ("nonfinite", "loss_zscore", "grad_norm_ratio", "loss_ratio", "overflow")
+STABILITY_ACTIONS = ("log", "skip", "rollback")
 
 STALL_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 SAVE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -76,6 +85,11 @@ class RunMetrics:
         self.straggler = Gauge(STRAGGLER, "1 while a rank is flagged as a straggler.", ["run", "rank"], registry=self.registry)
         self.goodput_ratio = Gauge(GOODPUT_RATIO, "Productive step time over wall time of this driver session.", labels,
                                    registry=self.registry)
+        self.mfu_ratio = Gauge(
+            MFU_RATIO, "Model FLOPs utilization over the last logging interval: model FLOP/s achieved over the peak "
+            "FLOP/s of all devices (metrics.peak_flops_per_device). Absent when no peak is known.", labels,
+            registry=self.registry,
+        )
         self.wall_seconds = Gauge(
             WALL_SECONDS, "Wall time of this driver session by part: productive, recomputed, recovery, checkpoint, "
             "startup, other.", ["run", "part"], registry=self.registry,
@@ -98,6 +112,12 @@ class RunMetrics:
         self.checkpoint_skipped = Counter(CHECKPOINT_SKIPPED, "Saves dropped because another save was in flight "
                                           "(checkpoint.overlap_policy=skip).", labels, registry=self.registry)
         self.world_size = Gauge(WORLD_SIZE, "Ranks in the current attempt.", labels, registry=self.registry)
+        self.checkpoint_load_seconds = Histogram(
+            CHECKPOINT_LOAD_SECONDS, "Wall time of a checkpoint load (resume or rollback), verification included.",
+            labels, buckets=SAVE_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.checkpoint_loaded_bytes = Counter(CHECKPOINT_LOADED_BYTES, "Bytes of the checkpoints loaded, all ranks.",
+                                               labels, registry=self.registry)
         self.stability_events = Counter(
             STABILITY_EVENTS, "Stability detections by detector (nonfinite, loss_zscore, grad_norm_ratio, loss_ratio, "
             "overflow) and the action taken (log, skip, rollback).", ["run", "detector", "action"], registry=self.registry,
@@ -107,17 +127,31 @@ class RunMetrics:
                        self.skipped_steps, self.checkpoint_save_seconds, self.last_committed_step,
                        self.checkpoint_stall_seconds, self.checkpoint_size_bytes, self.checkpoint_written_bytes,
                        self.checkpoint_failures, self.checkpoint_skipped,
-                       self.world_size, self.hangs, self.goodput_ratio):
+                       self.world_size, self.hangs, self.goodput_ratio, self.checkpoint_load_seconds,
+                       self.checkpoint_loaded_bytes):
             family.labels(run_name)
         for cause in RESTART_CAUSES:
             self.restarts.labels(run_name, cause)
         for part in PARTS:
             self.wall_seconds.labels(run_name, part)
+        for detector in STABILITY_DETECTORS:
+            for action in STABILITY_ACTIONS:
+                self.stability_events.labels(run_name, detector, action)
         self.restart_count = 0
         self.goodput = GoodputTracker(started_at=time.time())
+        # Alert rules measure "too long since" from these two; the second is absent until a commit.
+        self.start_time_seconds = Gauge(START_TIME_SECONDS, "Unix time this driver session started.", labels,
+                                        registry=self.registry)
+        self.start_time_seconds.labels(run_name).set(self.goodput.started_at)
+        self.last_checkpoint_timestamp_seconds = Gauge(
+            LAST_CHECKPOINT_TIMESTAMP_SECONDS, "Unix time the newest checkpoint of this driver session committed.",
+            labels, registry=self.registry,
+        )
         self._hang_since_last_attempt = False
         self._stop_requested = False
         self._attempts_seen: set[int] = set()
+        self.mfu_values: list[float] = []
+        self.current_world_size = 0
 
     def record_attempt(self, attempt: int, world_size: int) -> None:
         """Count a restart for every new attempt after the first one this driver saw."""
@@ -128,6 +162,7 @@ class RunMetrics:
         self._hang_since_last_attempt = False
         self._attempts_seen.add(attempt)
         self.world_size.labels(self.run_name).set(world_size)
+        self.current_world_size = world_size
 
     def record_progress(self, update: dict[str, Any]) -> None:
         run = self.run_name
@@ -137,6 +172,9 @@ class RunMetrics:
         self.grad_norm.labels(run).set(update["grad_norm"])
         self.tokens_per_second.labels(run).set(update["tokens_per_second"])
         self.tokens.labels(run).inc(update["tokens"])
+        if update.get("mfu") is not None:
+            self.mfu_ratio.labels(run).set(update["mfu"])
+            self.mfu_values.append(update["mfu"])
         if update.get("skipped_steps"):
             self.skipped_steps.labels(run).inc(update["skipped_steps"])
         for event in update.get("events", []):
@@ -165,6 +203,11 @@ class RunMetrics:
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.checkpoint_save_seconds.labels(self.run_name).observe(save_seconds)
         self.last_committed_step.labels(self.run_name).set(step)
+        self.last_checkpoint_timestamp_seconds.labels(self.run_name).set_to_current_time()
+
+    def record_checkpoint_load(self, seconds: float, loaded_bytes: int) -> None:
+        self.checkpoint_load_seconds.labels(self.run_name).observe(seconds)
+        self.checkpoint_loaded_bytes.labels(self.run_name).inc(loaded_bytes)
 
     def record_checkpoint_save(self, update: dict[str, Any]) -> None:
         """Record a committed save's stall (stall_s) and size (bytes); its duration comes through record_checkpoint."""
@@ -177,12 +220,14 @@ class RunMetrics:
 class MetricsActor:
     """Serves ``RunMetrics`` over HTTP for Prometheus to scrape."""
 
-    def __init__(self, run_name: str, host: str, port: int, serve: bool = True):
+    def __init__(self, run_name: str, host: str, port: int, serve: bool = True,
+                 wandb_settings: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None):
         self.metrics = RunMetrics(run_name)
         self.host, self.port = host, None
         if serve:
             server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
             self.port = server.server_port
+        self.tracker = open_tracker(run_name, wandb_settings, run_config or {})
 
     def address(self) -> tuple[str, int | None]:
         return self.host, self.port
@@ -192,12 +237,22 @@ class MetricsActor:
 
     def record_progress(self, update: dict[str, Any]) -> None:
         self.metrics.record_progress(update)
+        if self.tracker is not None:
+            self.tracker.log_progress(
+                update, goodput_ratio=self.metrics.goodput.goodput(time.time()), restarts=self.metrics.restart_count,
+                world_size=self.metrics.current_world_size,
+            )
 
     def record_checkpoint(self, step: int, save_seconds: float) -> None:
         self.metrics.record_checkpoint(step, save_seconds)
+        if self.tracker is not None:
+            self.tracker.log_checkpoint(step, save_seconds)
 
     def record_checkpoint_save(self, update: dict[str, Any]) -> None:
         self.metrics.record_checkpoint_save(update)
+
+    def record_checkpoint_load(self, seconds: float, loaded_bytes: int) -> None:
+        self.metrics.record_checkpoint_load(seconds, loaded_bytes)
 
     def record_checkpoint_failure(self) -> None:
         self.metrics.checkpoint_failures.labels(self.metrics.run_name).inc()
@@ -226,6 +281,23 @@ class MetricsActor:
 
     def restarts(self) -> int:
         return self.metrics.restart_count
+
+    def mean_mfu(self) -> float | None:
+        """Return the mean MFU over the logging intervals of this driver session, or None without a peak."""
+        values = self.metrics.mfu_values
+        return sum(values) / len(values) if values else None
+
+    def finish_tracking(self) -> None:
+        """Write the final goodput, restarts and MFU to W&B and close its run; a no-op without W&B."""
+        if self.tracker is None:
+            return
+        summary = {f"goodput/{part}_s": seconds for part, seconds in self.goodput_parts().items()}
+        summary["goodput/ratio"] = self.metrics.goodput.goodput(time.time())
+        summary["restarts"] = self.metrics.restart_count
+        if self.mean_mfu() is not None:
+            summary["train/mean_mfu"] = self.mean_mfu()
+        self.tracker.finish(summary)
+        self.tracker = None
 
 
 def metrics_actor_name(run_name: str) -> str:

@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.catalog import list_checkpoints
+from service.goodput import PARTS as GOODPUT_PARTS
+from service.goodput import GoodputTracker
 from service.storage import filesystem, join, read_json
 from workers.reporting import final_losses, read_history
 
 logger = logging.getLogger(__name__)
+
+# The folder of per-attempt records that workers.train_loop writes (its ATTEMPTS_DIR, kept equal by
+# a test). Importing train_loop here would load Ray Train and add seconds to every report.
+ATTEMPTS_DIR = "attempts"
 
 
 @dataclass
@@ -36,6 +42,24 @@ def split_segments(records: list[dict[str, Any]]) -> list[Segment]:
     return segments
 
 
+def goodput_parts(run_uri: str, records: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> dict[str, float]:
+    """Split the run's wall time, from the start of its first attempt to its last step, into goodput parts.
+
+    The parts are those of ``service.goodput`` summed over every driver session,
+    so the time between one session's last step and the next one's first step
+    counts as recovery.
+    """
+    fs = filesystem(run_uri, storage_options)
+    started = [read_json(fs, path)["started_at"] for path in fs.glob(join(run_uri, ATTEMPTS_DIR, "attempt-*.json"))]
+    first_step_start = records[0]["time"] - records[0].get("duration_s", 0.0)
+    tracker = GoodputTracker(started_at=min(started, default=first_step_start))
+    for record in records:
+        tracker.add_step(attempt=record["attempt"], step=record["step"], end_time=record["time"],
+                         duration_s=record.get("duration_s", 0.0))
+        tracker.add_checkpoint(record.get("checkpoint_s", 0.0))
+    return tracker.parts(records[-1]["time"])
+
+
 def summary_lines(run_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     records = read_history(run_uri, storage_options)
     if not records:
@@ -49,12 +73,18 @@ def summary_lines(run_uri: str, storage_options: dict[str, Any] | None = None) -
     wall_s = records[-1]["time"] - records[0]["time"]
     recomputed = len(records) - len(latest)
     steps = sorted(losses)
+    goodput = goodput_parts(run_uri, records, storage_options)
+    rollbacks = sum(event["action"] == "rollback" for event in events)
+
     lines = [
         f"run {run_uri.rsplit('/', 1)[-1]}: steps {steps[0]}..{steps[-1]}, "
         f"{sum(record['tokens'] for record in latest.values()):,} tokens, {wall_s:.0f} s from first to last step",
         f"  loss {losses[steps[0]]:.4f} -> {losses[steps[-1]]:.4f}",
         f"  attempts {len(attempts)} (restarts {len(attempts) - 1}); steps recomputed {recomputed}",
-        f"  skipped steps {sum(record['skipped'] for record in latest.values())}; stability events {len(events)}",
+        f"  skipped steps {sum(record['skipped'] for record in latest.values())}; stability events {len(events)} "
+        f"(rollbacks {rollbacks})",
+        f"  goodput {goodput['productive'] / goodput['total']:.1%} of {goodput['total']:.0f} s: "
+        + ", ".join(f"{part} {goodput[part]:.1f} s" for part in GOODPUT_PARTS),
         f"  committed checkpoints: {', '.join(map(str, committed)) or 'none'}",
     ]
     lines += [

@@ -28,7 +28,7 @@ CLEARED_AWS_VARIABLES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
 def aws_test_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Set dummy AWS credentials for the session and hide the user's AWS config files.
 
-    Processes started later (moto, spawned ranks) inherit these variables.
+    Processes started later (moto, the ranks of dist_helpers) get these variables.
     """
     missing_file = str(tmp_path_factory.mktemp("aws") / "absent")
     with pytest.MonkeyPatch.context() as patch:

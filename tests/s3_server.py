@@ -146,22 +146,26 @@ class MotoServer(LoopbackProcess):
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def storage_options(self, port: int | None = None) -> dict[str, Any]:
+    def storage_options(self, port: int | None = None, config_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return fsspec storage options for this server (or a forwarder on ``port``), without credentials.
 
         Credentials come from the AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
-        environment variables, as they do in a real run.
+        environment variables, as they do in a real run. ``config_kwargs`` are
+        botocore client settings such as timeouts and retries.
         """
-        return {"endpoint_url": f"http://127.0.0.1:{port or self.port}", "client_kwargs": {"region_name": REGION}}
+        options: dict[str, Any] = {"endpoint_url": f"http://127.0.0.1:{port or self.port}", "client_kwargs": {"region_name": REGION}}
+        if config_kwargs:
+            options["config_kwargs"] = config_kwargs
+        return options
 
     def filesystem(self) -> Any:
-        """Return a new s3fs client with no cached listings, so it sees writes made by other processes."""
+        """Return a new s3fs client with no cached listings, so its listings include objects written by other processes."""
         import s3fs  # here, so that the forwarder process starts without it
 
         return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options())
 
     def restart(self) -> None:
-        """Stop the server and start a new one on the same port; the new one holds no buckets."""
+        """Stop the server and start a new one on the same port; the new one has no buckets."""
         self.stop()
         self.start()
 
@@ -175,7 +179,7 @@ class MotoServer(LoopbackProcess):
 
 
 class TcpForwarder(LoopbackProcess):
-    """Forwards TCP connections from 127.0.0.1:``port`` to 127.0.0.1:``target_port``."""
+    """A forwarder of TCP connections from 127.0.0.1:``port`` to 127.0.0.1:``target_port``."""
 
     name = "TCP forwarder"
 

@@ -1,7 +1,9 @@
-"""Checkpoint catalog on a local folder: step parsing, latest committed checkpoint, retention."""
+"""Checkpoint catalog on a local folder: step parsing, commit records, latest committed checkpoint, retention, leases."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -11,12 +13,22 @@ import pytest
 from service.catalog import (
     COMMIT_MARKER,
     DCP_METADATA_FILE,
+    LEASES_DIR,
+    TRAIN_STATE_FILE,
+    CheckpointIntegrityError,
+    CommitRecord,
+    FileEntry,
+    acquire_lease,
     apply_retention,
     checkpoint_dir_name,
     checkpoints_uri,
     latest_committed,
     list_checkpoints,
     parse_step,
+    plan_retention,
+    read_commit_record,
+    release_lease,
+    verify_files,
 )
 from service.storage import filesystem
 
@@ -33,15 +45,22 @@ def run_uri(tmp_path: Path) -> str:
     return str(tmp_path / "run")
 
 
-def make_checkpoint(run_uri: str, name: str, *, committed: bool = True, metadata: bool = True) -> Path:
-    """Create a checkpoint folder named ``name`` with a shard file and the requested markers."""
+SAVE_DIR = "save-20260101T000000Z-0123abcd"
+FILES = {"__0_0.distcp": b"shard", DCP_METADATA_FILE: b"metadata", TRAIN_STATE_FILE: b"{}"}
+
+
+def make_checkpoint(run_uri: str, name: str, *, committed: bool = True, save_dir: str = SAVE_DIR) -> Path:
+    """Create a checkpoint folder named ``name`` with one save folder and, if ``committed``, a commit record for it."""
     folder = Path(checkpoints_uri(run_uri)) / name
-    folder.mkdir(parents=True)
-    (folder / "__0_0.distcp").write_bytes(b"shard")
-    if metadata:
-        (folder / DCP_METADATA_FILE).write_bytes(b"metadata")
+    (folder / save_dir).mkdir(parents=True)
+    for file_name, data in FILES.items():
+        (folder / save_dir / file_name).write_bytes(data)
     if committed:
-        (folder / COMMIT_MARKER).write_text("", encoding="utf-8")
+        record = CommitRecord(
+            step=parse_step(name) or 0, save_dir=save_dir, world_size=1, committed_at=1.0,
+            files={file_name: FileEntry(len(data), hashlib.sha256(data).hexdigest()) for file_name, data in FILES.items()},
+        )
+        (folder / COMMIT_MARKER).write_text(json.dumps(record.to_json()), encoding="utf-8")
     return folder
 
 
@@ -130,24 +149,70 @@ def test_uncommitted_newer_checkpoint_skipped(fs, run_uri, caplog):
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert str(incomplete) in warnings[0]
-    assert "no commit marker" in warnings[0]
+    assert "no commit record" in warnings[0]
 
 
-def test_committed_without_metadata_skipped(fs, run_uri, caplog):
-    make_checkpoint(run_uri, "step-000000100")
-    make_checkpoint(run_uri, "step-000000200", metadata=False)
+def test_commit_record_round_trip(fs, run_uri):
+    folder = make_checkpoint(run_uri, "step-000000100")
 
-    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
-        latest = latest_committed(fs, run_uri)
+    record = read_commit_record(fs, str(folder))
 
-    assert latest is not None
-    assert latest.step == 100
-    assert any(f"no {DCP_METADATA_FILE}" in record.getMessage() for record in caplog.records)
+    assert record.step == 100
+    assert record.save_dir == SAVE_DIR
+    assert record.files[DCP_METADATA_FILE] == FileEntry(len(b"metadata"), hashlib.sha256(b"metadata").hexdigest())
+    assert record.total_bytes == sum(len(data) for data in FILES.values())
+    assert verify_files(fs, str(folder), record) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda payload: payload.pop("format"), "not a Stalwart commit record"),
+        (lambda payload: payload["files"].pop(DCP_METADATA_FILE), "does not list .metadata"),
+        (lambda payload: payload.update(save_dir="../elsewhere"), "invalid save folder"),
+        (lambda payload: payload["files"].update({"../escape": {"size_bytes": 1, "sha256": "0"}}), "invalid file name"),
+        (lambda payload: payload.pop("step"), "malformed"),
+    ],
+)
+def test_commit_record_rejects(fs, run_uri, mutate, message):
+    folder = make_checkpoint(run_uri, "step-000000100")
+    payload = json.loads((folder / COMMIT_MARKER).read_text())
+    mutate(payload)
+    (folder / COMMIT_MARKER).write_text(json.dumps(payload))
+
+    with pytest.raises(CheckpointIntegrityError, match=message):
+        read_commit_record(fs, str(folder))
+
+
+def test_commit_record_not_json(fs, run_uri):
+    folder = make_checkpoint(run_uri, "step-000000100")
+    (folder / COMMIT_MARKER).write_text("{", encoding="utf-8")
+
+    with pytest.raises(CheckpointIntegrityError, match="not valid JSON"):
+        read_commit_record(fs, str(folder))
+
+
+def test_verify_files_finds_missing_short_and_changed(fs, run_uri):
+    folder = make_checkpoint(run_uri, "step-000000100")
+    record = read_commit_record(fs, str(folder))
+    (folder / SAVE_DIR / DCP_METADATA_FILE).unlink()
+    (folder / SAVE_DIR / "__0_0.distcp").write_bytes(b"shar")
+    (folder / SAVE_DIR / TRAIN_STATE_FILE).write_bytes(b"[]")
+
+    problems = verify_files(fs, str(folder), record)
+
+    assert problems == [
+        ".metadata is missing",
+        "__0_0.distcp is 4 bytes, but the commit record lists 5 (truncated or replaced)",
+        f"{TRAIN_STATE_FILE} has SHA-256 {hashlib.sha256(b'[]').hexdigest()[:16]}..., but the commit record lists "
+        f"{hashlib.sha256(b'{}').hexdigest()[:16]}... (corrupted)",
+    ]
+    assert verify_files(fs, str(folder), record, checksums=False) == problems[:2]
 
 
 def test_only_incomplete_checkpoints(fs, run_uri):
     make_checkpoint(run_uri, "step-000000100", committed=False)
-    make_checkpoint(run_uri, "step-000000200", metadata=False)
+    make_checkpoint(run_uri, "step-000000200", committed=False)
 
     assert latest_committed(fs, run_uri) is None
 
@@ -174,17 +239,27 @@ def test_retention_keeps_newest_by_number(fs, run_uri):
     assert remaining_names(run_uri) == ["step-1000", "step-1100"]
 
 
-def test_retention_spares_incomplete_folders(fs, run_uri):
+def test_retention_removes_only_old_incomplete_folders(fs, run_uri):
     make_checkpoint(run_uri, "step-000000100", committed=False)
-    make_checkpoint(run_uri, "step-000000200", metadata=False)
     for step in (300, 400, 500):
         make_checkpoint(run_uri, checkpoint_dir_name(step))
+    # A save in flight writes above the newest committed step: its folder stays.
     make_checkpoint(run_uri, "step-000000600", committed=False)
 
     deleted = apply_retention(fs, run_uri, keep_last=1)
 
     assert deleted == [300, 400]
-    assert remaining_names(run_uri) == ["step-000000100", "step-000000200", "step-000000500", "step-000000600"]
+    assert remaining_names(run_uri) == ["step-000000500", "step-000000600"]
+
+
+def test_retention_removes_stale_save_folders(fs, run_uri):
+    folder = make_checkpoint(run_uri, "step-000000100")
+    (folder / "save-20250101T000000Z-deadbeef").mkdir()
+    make_checkpoint(run_uri, "step-000000200")
+
+    apply_retention(fs, run_uri, keep_last=2)
+
+    assert sorted(path.name for path in folder.iterdir()) == [COMMIT_MARKER, SAVE_DIR]
 
 
 def test_retention_with_few_checkpoints_deletes_nothing(fs, run_uri):
@@ -195,12 +270,50 @@ def test_retention_with_few_checkpoints_deletes_nothing(fs, run_uri):
     assert remaining_names(run_uri) == ["step-000000100", "step-000000200"]
 
 
-def test_retention_keep_all(fs, run_uri):
+@pytest.mark.parametrize("keep_last", ["all", None])
+def test_retention_keep_all(fs, run_uri, keep_last):
     for step in (100, 200, 300):
         make_checkpoint(run_uri, checkpoint_dir_name(step))
 
-    assert apply_retention(fs, run_uri, keep_last=None) == []
+    assert apply_retention(fs, run_uri, keep_last=keep_last) == []
     assert remaining_names(run_uri) == ["step-000000100", "step-000000200", "step-000000300"]
+
+
+def test_retention_milestones_across_many_saves(fs, run_uri):
+    # Retention runs after every commit, as the saver does.
+    for step in range(1, 31):
+        make_checkpoint(run_uri, checkpoint_dir_name(step))
+        apply_retention(fs, run_uri, keep_last=3, keep_every_steps=10)
+
+    assert [info.step for info in list_checkpoints(fs, run_uri)] == [10, 20, 28, 29, 30]
+
+
+def test_retention_keep_all_with_milestones_deletes_nothing(fs, run_uri):
+    for step in range(1, 13):
+        make_checkpoint(run_uri, checkpoint_dir_name(step))
+        apply_retention(fs, run_uri, keep_last="all", keep_every_steps=5)
+
+    assert [info.step for info in list_checkpoints(fs, run_uri)] == list(range(1, 13))
+
+
+def test_retention_spares_leased_checkpoint(fs, run_uri):
+    for step in (100, 200, 300):
+        make_checkpoint(run_uri, checkpoint_dir_name(step))
+    lease = acquire_lease(fs, run_uri, 100, "test")
+
+    assert apply_retention(fs, run_uri, keep_last=1) == [200]
+    release_lease(fs, lease)
+    assert apply_retention(fs, run_uri, keep_last=1) == [100]
+    assert remaining_names(run_uri) == [LEASES_DIR, "step-000000300"]
+
+
+def test_plan_retention_reasons():
+    plan = plan_retention([5, 10, 15, 20, 25], keep_last=1, keep_every_steps=10, protected=[5])
+
+    assert plan.keep == [5, 10, 20, 25]
+    assert plan.delete == [15]
+    assert plan.reasons == {25: "newest", 10: "milestone (keep_every_steps=10)", 20: "milestone (keep_every_steps=10)",
+                            5: "being loaded"}
 
 
 def test_retention_logs_deleted_steps(fs, run_uri, caplog):
@@ -222,8 +335,8 @@ def test_s3_listing_sees_later_commit(s3_server, s3_bucket):
 
     def commit(step: int) -> None:
         folder = f"{checkpoints_uri(run_uri)}/{checkpoint_dir_name(step)}"
-        writer.pipe_file(f"{folder}/{DCP_METADATA_FILE}", b"metadata")
-        writer.pipe_file(f"{folder}/{COMMIT_MARKER}", b"")
+        writer.pipe_file(f"{folder}/{SAVE_DIR}/{DCP_METADATA_FILE}", b"metadata")
+        writer.pipe_file(f"{folder}/{COMMIT_MARKER}", b"{}")
 
     commit(100)
     first = latest_committed(reader, run_uri)
@@ -235,3 +348,20 @@ def test_s3_listing_sees_later_commit(s3_server, s3_bucket):
     assert second is not None
     assert second.step == 200
     assert second.checkpoint_id == f"{checkpoints_uri(run_uri)}/step-000000200"
+
+
+def test_prune_command_applies_policy(run_uri, capsys):
+    from service.cli import main
+
+    for step in range(1, 9):
+        make_checkpoint(run_uri, checkpoint_dir_name(step))
+
+    assert main(["checkpoints", "prune", run_uri, "--keep-last", "2", "--keep-every-steps", "3", "--dry-run"]) == 0
+    assert "would delete steps: 1, 2, 4, 5" in capsys.readouterr().out
+    assert len(remaining_names(run_uri)) == 8
+
+    assert main(["checkpoints", "prune", run_uri, "--keep-last", "2", "--keep-every-steps", "3"]) == 0
+    output = capsys.readouterr().out
+    assert "deleted steps: 1, 2, 4, 5" in output
+    assert "kept step 6: milestone (keep_every_steps=3)" in output
+    assert remaining_names(run_uri) == [checkpoint_dir_name(step) for step in (3, 6, 7, 8)]

@@ -43,7 +43,7 @@ from service.catalog import (
 from service.cli import main as cli_main
 from service.config import CheckpointSection, config_from_dict, redact_secrets
 from service.storage import filesystem, join, write_bytes
-from workers.async_save import Checkpointer
+from workers.async_save import Checkpointer, CheckpointStorageError
 from workers.checkpoint import TrainState, load_checkpoint, load_newest_valid
 from workers.data import MicroBatch
 from workers.model import build_model
@@ -187,7 +187,8 @@ def _outage_steps(world_rank: int, world_size: int, run_uri: str, options: dict[
     model, optimizer, units = _build(world_size)
     state = TrainState()
     _train_one(model, optimizer, units, world_rank, state)
-    checkpointer = _checkpointer(model, optimizer, world_rank, run_uri, options, retry_initial_backoff_s=0.5)
+    # max_inflight_steps=None: training must not wait for the failing save.
+    checkpointer = _checkpointer(model, optimizer, world_rank, run_uri, options, retry_initial_backoff_s=0.5, max_inflight_steps=None)
     checkpointer.save(state.step, state, loss=None)
     checkpointer.wait()
     assert checkpointer.last_outcome is not None and checkpointer.last_outcome.committed
@@ -324,6 +325,64 @@ def _save_steps_rank(world_rank: int, world_size: int, run_uri: str, options: di
         torch.save(full, os.path.join(output_dir, "final.pt"))
 
 
+def _policy_rank(world_rank: int, world_size: int, run_uri: str, output_dir: str) -> None:
+    """Record what due() and save() decide for time, request, final and a save due while another is in flight."""
+    _log_to_file(output_dir, world_rank)
+    model, optimizer, _ = _build(world_size)
+    state = TrainState(step=1)
+    decisions: dict[str, Any] = {}
+
+    timed = _checkpointer(model, optimizer, world_rank, run_uri, {}, total_steps=5, every_hours=1e-9, save_final=True)
+    # Decisions read the poll started one step earlier: step 1 starts it, step 2 starts the clock.
+    decisions["first_polls"] = [timed.due(1), timed.due(2)]
+    decisions["time"] = timed.due(3)
+    timed.request("stability")
+    decisions["requested"] = timed.due(4)
+    decisions["final"] = timed.due(5)
+    timed.close()
+
+    # A save held in flight, then another one due with overlap_policy=skip.
+    release = threading.Event()
+    unheld = async_save_module.write_and_commit
+
+    def held_write_and_commit(*args: Any, **kwargs: Any) -> Any:
+        assert release.wait(WAIT_S), "the test did not release the held save"
+        return unheld(*args, **kwargs)
+
+    async_save_module.write_and_commit = held_write_and_commit
+    skipping = _checkpointer(model, optimizer, world_rank, run_uri, {}, overlap_policy="skip", max_inflight_steps=None)
+    skipping.save(1, state, loss=None)
+    state.step = 2
+    skipping.save(2, state, loss=None)
+    decisions["skipped_saves"] = skipping.skipped_saves
+    release.set()
+    skipping.close()
+    decisions["committed_step"] = skipping.last_outcome.step
+    if world_rank == 0:
+        _write_evidence(output_dir, decisions)
+
+
+def _outage_budget_rank(world_rank: int, world_size: int, run_uri: str, options: dict[str, Any], output_dir: str) -> None:
+    """Save against storage that refuses every connection until the outage budget is spent."""
+    model, optimizer, units = _build(world_size)
+    state = TrainState()
+    checkpointer = _checkpointer(model, optimizer, world_rank, run_uri, options, max_outage_s=3.0,
+                                 retry_initial_backoff_s=0.2, max_inflight_steps=None)
+    _train_one(model, optimizer, units, world_rank, state)
+    checkpointer.save(state.step, state, loss=None)
+    try:
+        for _ in range(5000):
+            _train_one(model, optimizer, units, world_rank, state)
+            reason = checkpointer.due(state.step)
+            if reason is not None:
+                checkpointer.save(state.step, state, loss=None, reason=reason)
+    except CheckpointStorageError as error:
+        _write_evidence(output_dir + f"/rank{world_rank}", {"error": str(error), "failures": checkpointer.failures,
+                                                            "step": state.step})
+        return
+    raise AssertionError("the outage budget was never exceeded")
+
+
 # ---------------------------------------------------------------------------
 # Helpers of the test process
 # ---------------------------------------------------------------------------
@@ -363,7 +422,7 @@ def fresh_filesystem(uri: str, options: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def test_async_save_bitwise_state_of_save_step(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
+def test_async_save_bitwise_equal(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
     run_uri = f"s3://{s3_bucket}/async"
     run_distributed(_async_bitwise_rank, WORLD_SIZE, run_uri, s3_server.storage_options(), str(tmp_path), timeout_s=300)
 
@@ -391,7 +450,7 @@ def rank_logs(output_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in output_dir.glob("rank*.log")}
 
 
-def test_storage_outage_no_commit_then_retry_commits(private_s3_server: MotoServer, tmp_path: Path) -> None:
+def test_storage_outage_then_retry_commits(private_s3_server: MotoServer, tmp_path: Path) -> None:
     bucket = private_s3_server.create_bucket()
     run_uri = f"s3://{bucket}/outage"
     forwarder_port = free_port()
@@ -404,7 +463,8 @@ def test_storage_outage_no_commit_then_retry_commits(private_s3_server: MotoServ
     evidence = read_evidence(tmp_path)
     failed_step, committed_step = evidence["failed_step"], evidence["committed_step"]
     assert evidence["steps_while_failing"] >= 1, "training stopped while the save was failing"
-    assert committed_step is not None and committed_step > evidence["failure_seen_at"]
+    assert committed_step is not None, "no save committed after the storage came back"
+    assert committed_step > evidence["failure_seen_at"]
     options = private_s3_server.storage_options()
     fs = fresh_filesystem(run_uri, options)
     steps = {info.step: info for info in list_checkpoints(fs, run_uri)}
@@ -419,7 +479,7 @@ def test_storage_outage_no_commit_then_retry_commits(private_s3_server: MotoServ
     assert not scan_for_secrets(rank_logs(tmp_path), [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]])
 
 
-def test_killed_worker_mid_save_never_used(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
+def test_killed_worker_save_never_used(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
     run_uri = f"s3://{s3_bucket}/killed"
     options = s3_server.storage_options()
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
@@ -466,7 +526,7 @@ def cli_options(options: dict[str, Any]) -> list[str]:
     return ["--set", f"storage.options={json.dumps(options)}"]
 
 
-def test_corrupt_checkpoint_verify_and_fallback(three_saves: Any, s3_bucket: str, tmp_path: Path, capsys: Any) -> None:
+def test_corrupt_checkpoint_falls_back(three_saves: Any, s3_bucket: str, tmp_path: Path, capsys: Any) -> None:
     source_uri, options, _ = three_saves
     run_uri = f"s3://{s3_bucket}/corrupt"
     fs = fresh_filesystem(source_uri, options)
@@ -483,15 +543,20 @@ def test_corrupt_checkpoint_verify_and_fallback(three_saves: Any, s3_bucket: str
     assert cli_main(["checkpoints", "verify", run_uri, *cli_options(options)]) == 1
     report = capsys.readouterr().out
     assert "step 1: ok" in report
-    assert "step 2: CORRUPT" in report and "__0_0.distcp is" in report and "truncated" in report
-    assert "step 3: CORRUPT" in report and "__1_0.distcp has SHA-256" in report
+    assert "step 2: CORRUPT" in report
+    assert "__0_0.distcp is" in report
+    assert "truncated" in report
+    assert "step 3: CORRUPT" in report
+    assert "__1_0.distcp has SHA-256" in report
 
     run_distributed(_resume_and_resave_rank, WORLD_SIZE, run_uri, options, str(tmp_path), timeout_s=300)
     evidence = read_evidence(tmp_path)
     assert evidence["resumed_from"] == 1
     log = (tmp_path / "rank0.log").read_text()
-    assert "checkpoint at step 3 failed verification" in log and "__1_0.distcp has SHA-256" in log
-    assert "checkpoint at step 2 failed verification" in log and "__0_0.distcp is" in log
+    assert "checkpoint at step 3 failed verification" in log
+    assert "__1_0.distcp has SHA-256" in log
+    assert "checkpoint at step 2 failed verification" in log
+    assert "__0_0.distcp is" in log
 
 
 class RunsCode:
@@ -504,7 +569,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_metadata_pickle_that_runs_code_rejected(three_saves: Any, s3_bucket: str, tmp_path: Path, capsys: Any) -> None:
+def test_code_in_metadata_rejected(three_saves: Any, s3_bucket: str, tmp_path: Path, capsys: Any) -> None:
     source_uri, options, _ = three_saves
     run_uri = f"s3://{s3_bucket}/malicious"
     fs = fresh_filesystem(source_uri, options)
@@ -535,8 +600,10 @@ def test_metadata_pickle_that_runs_code_rejected(three_saves: Any, s3_bucket: st
     assert "posix.system is not allowed" in read_evidence(tmp_path)["error"]
     assert cli_main(["checkpoints", "verify", run_uri, *cli_options(options)]) == 1
     report = capsys.readouterr().out
-    assert "step 1: CORRUPT" in report and "not allowed" in report
-    assert "step 2: CORRUPT" in report and ".metadata has SHA-256" in report
+    assert "step 1: CORRUPT" in report
+    assert "not allowed" in report
+    assert "step 2: CORRUPT" in report
+    assert ".metadata has SHA-256" in report
     assert cli_main(["checkpoints", "inspect", run_uri, "1", *cli_options(options)]) == 1
     assert not marker.exists(), "unpickling the metadata ran code"
 
@@ -602,7 +669,7 @@ def test_three_saves_hold_no_credentials(three_saves: Any) -> None:
     assert not scan_for_secrets(texts, [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]])
 
 
-def test_retention_and_milestones_over_many_saves(tmp_path: Path) -> None:
+def test_retention_milestones_many_saves(tmp_path: Path) -> None:
     run_uri = str(tmp_path / "many")
     settings = {"every_steps": 1, "keep_last": 2, "keep_every_steps": 4}
     run_distributed(_save_steps_rank, WORLD_SIZE, run_uri, {}, 12, settings, str(tmp_path), timeout_s=300)
@@ -610,12 +677,13 @@ def test_retention_and_milestones_over_many_saves(tmp_path: Path) -> None:
     fs = filesystem(run_uri)
     infos = list_checkpoints(fs, run_uri)
     assert [info.step for info in infos] == [4, 8, 11, 12]
-    assert all(info.committed and len(info.save_dirs) == 1 for info in infos)
+    assert all(info.committed for info in infos)
+    assert all(len(info.save_dirs) == 1 for info in infos), "a stale save folder survived"
     lines, sound = verify_run(run_uri, {})
     assert sound, lines
 
 
-def test_credentials_in_options_never_stored_or_logged(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
+def test_option_credentials_never_stored(s3_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
     run_uri = f"s3://{s3_bucket}/credentials"
     key_id, secret = "AKIASTALWARTOPTIONKEY", "stalwart-option-secret-9f1c"
     options = {**s3_server.storage_options(), "key": key_id, "secret": secret}
@@ -630,5 +698,86 @@ def test_credentials_in_options_never_stored_or_logged(s3_server: MotoServer, s3
     from workers.checkpoint import describe_error
 
     message = describe_error(PermissionError(f"denied for {key_id} with {secret}"), options)
-    assert key_id not in message and secret not in message
+    assert key_id not in message
+    assert secret not in message
     assert "<redacted>" in message
+
+
+def test_large_file_uploads_in_parts(s3_server: MotoServer, s3_bucket: str) -> None:
+    from workers.checkpoint_io import MIN_PART_BYTES, S3PartUpload
+
+    fs = fresh_filesystem(f"s3://{s3_bucket}", s3_server.storage_options())
+    path = f"s3://{s3_bucket}/parts/big.bin"
+    data = os.urandom(2 * MIN_PART_BYTES + 12345)
+    upload = S3PartUpload(fs, path, part_bytes=MIN_PART_BYTES, concurrency=4)
+    # Written in pieces that do not line up with the parts, as torch.save writes.
+    for start in range(0, len(data), 3_000_000):
+        upload.write(data[start:start + 3_000_000])
+    upload.close()
+
+    assert upload.num_parts == 3
+    assert upload.entry is not None
+    assert upload.entry.size_bytes == len(data)
+    assert upload.entry.sha256 == __import__("hashlib").sha256(data).hexdigest()
+    # S3 marks an object assembled from N parts with an ETag ending in -N.
+    assert fs.info(path)["ETag"].strip('"').endswith("-3")
+    assert fs.cat_file(path) == data
+
+
+def test_small_file_uploads_in_one_put(s3_server: MotoServer, s3_bucket: str) -> None:
+    from workers.checkpoint_io import MIN_PART_BYTES, S3PartUpload
+
+    fs = fresh_filesystem(f"s3://{s3_bucket}", s3_server.storage_options())
+    path = f"s3://{s3_bucket}/parts/small.bin"
+    upload = S3PartUpload(fs, path, part_bytes=MIN_PART_BYTES, concurrency=4)
+    upload.write(b"x" * 1000)
+    upload.close()
+
+    assert upload.num_parts == 0
+    assert "-" not in fs.info(path)["ETag"].strip('"')
+    assert fs.cat_file(path) == b"x" * 1000
+
+
+@pytest.mark.parametrize(("value", "expected"), [("all", "all"), (None, "all"), (4, 4)])
+def test_keep_last_accepts_all(value: Any, expected: Any) -> None:
+    assert CheckpointSection(keep_last=value).keep_last == expected
+
+
+@pytest.mark.parametrize("settings", [{"keep_last": 0}, {"keep_last": "some"}, {"upload_part_bytes": 2**20},
+                                      {"every_hours": 0}, {"overlap_policy": "queue"}])
+def test_checkpoint_settings_rejected(settings: dict[str, Any]) -> None:
+    from service.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        config_from_dict({"checkpoint": settings})
+
+
+def test_save_policy_decisions(tmp_path: Path) -> None:
+    run_uri = str(tmp_path / "policy")
+    run_distributed(_policy_rank, WORLD_SIZE, run_uri, str(tmp_path), timeout_s=300)
+
+    decisions = read_evidence(tmp_path)
+    assert decisions["first_polls"] == [None, None]
+    assert decisions["time"] == "time"
+    assert decisions["requested"] == "stability"
+    assert decisions["final"] == "final"
+    assert decisions["skipped_saves"] == 1
+    assert decisions["committed_step"] == 1
+    assert "step=2 save (reason=interval) skipped: the save of step 1 is still in flight" in (tmp_path / "rank0.log").read_text()
+    assert [info.step for info in list_checkpoints(filesystem(run_uri), run_uri)] == [1]
+
+
+def test_outage_past_budget_stops_run(tmp_path: Path) -> None:
+    # A port that nothing listens on: every request is refused at once.
+    options = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "client_kwargs": {"region_name": "us-east-1"},
+               "config_kwargs": {"connect_timeout": 2, "retries": {"total_max_attempts": 1}}}
+    for rank in range(WORLD_SIZE):
+        (tmp_path / f"rank{rank}").mkdir()
+    run_distributed(_outage_budget_rank, WORLD_SIZE, "s3://unreachable-bucket/run", options, str(tmp_path), timeout_s=300)
+
+    reports = [read_evidence(tmp_path / f"rank{rank}") for rank in range(WORLD_SIZE)]
+    assert reports[0]["step"] == reports[1]["step"], "the ranks stopped at different steps"
+    assert reports[0]["step"] > 2, "training stopped before the outage outlasted the budget"
+    # Either every attempt failed until 3 s had passed, or one attempt ran longer than 3 s.
+    assert "longer than checkpoint.max_outage_s=3" in reports[0]["error"]
+    assert reports[0]["error"] == reports[1]["error"]

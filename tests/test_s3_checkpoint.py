@@ -59,10 +59,13 @@ SEED = 7
 RUN_NAME = "tiny-run"
 SAVED_STEP = 2
 LR = 1e-2
-# A rank's traceback when a save failed because nothing answered at the endpoint.
+# A rank's traceback when a save failed because the endpoint refused connections.
 SAVE_FAILED_OFFLINE = rf"{CheckpointSaveError.__name__}(.|\n)*EndpointConnectionError"
-# Bound for a save against unreachable storage: s3fs and botocore retry a refused connection for several seconds.
+# Bound for a save against unreachable storage. A hang in a collective would end after
+# dist_helpers.COLLECTIVE_TIMEOUT_S with another error, which fails the test too.
 OUTAGE_TIMEOUT_S = 90.0
+# With botocore's default retries a refused request takes 6 to 8 s; one try keeps the outage tests short.
+NO_RETRIES = {"retries": {"total_max_attempts": 1}}
 # What a 2-rank save writes into its save folder ``step-N/save-<id>/``; COMMITTED sits beside that folder.
 SAVE_DIR_FILES = {DCP_METADATA_FILE, "__0_0.distcp", "__1_0.distcp", "rng-00000.json", "rng-00001.json", TRAIN_STATE_FILE}
 # Files whose bytes differ between two saves of the same state, with the reason.
@@ -125,7 +128,7 @@ def _save(
     state: TrainState,
     world_rank: int,
     world_size: int,
-    keep_last: int | None = None,
+    keep_last: int | str = "all",
 ) -> None:
     save_checkpoint(
         checkpoint_id, model=model, optimizer=optimizer, train_state=state, run_uri=run_uri,
@@ -442,7 +445,7 @@ def test_stopped_server_save_raises(private_s3_server: MotoServer, tmp_path: Pat
     """A save against a stopped server fails on every rank within the time bound instead of hanging."""
     bucket = private_s3_server.create_bucket()
     run_uri = f"s3://{bucket}/{RUN_NAME}"
-    options = private_s3_server.storage_options()
+    options = private_s3_server.storage_options(config_kwargs=NO_RETRIES)
     private_s3_server.stop()
 
     started = time.monotonic()
@@ -475,7 +478,8 @@ def test_outage_before_commit_keeps_previous(private_s3_server: MotoServer, tmp_
         started = time.monotonic()
         with pytest.raises(ProcessRaisedException, match=SAVE_FAILED_OFFLINE):
             run_distributed(
-                _save_then_lose_storage_rank, WORLD_SIZE, run_uri, private_s3_server.storage_options(port=forwarder.port),
+                _save_then_lose_storage_rank, WORLD_SIZE, run_uri,
+                private_s3_server.storage_options(port=forwarder.port, config_kwargs=NO_RETRIES),
                 forwarder.pid, forwarder.port, timeout_s=OUTAGE_TIMEOUT_S,
             )
         assert time.monotonic() - started < OUTAGE_TIMEOUT_S

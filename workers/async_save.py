@@ -2,9 +2,9 @@
 
 ``Checkpointer`` is the training loop's only entry point for saves. ``save``
 stages a CPU copy of the model and optimizer shards on the training thread (the
-stall) and hands it to a background thread, which writes and commits it over a
-gloo process group of its own: DCP's collectives must not share the training
-group with the step's collectives, or both corrupt each other's traffic.
+stall) and hands it to a background thread. That thread writes and commits the
+copy over a gloo process group of its own, because DCP's collectives running
+beside the step's collectives on one group corrupt each other's traffic.
 
 At most one save is in flight. When the next save is due while one runs,
 ``checkpoint.overlap_policy`` decides: ``wait`` blocks training until the
@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from workers.checkpoint import (
     SaveSettings,
     TrainState,
     rng_state_payload,
-    stage_state,
+    Stager,
     write_and_commit,
 )
 
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 # Saves that must commit before the caller goes on: the process may end right after them.
 BLOCKING_REASONS = frozenset({"final", "sigterm", "preemption"})
-SAVE_REASONS = ("final", "interval", "requested", "time", "retry", "sigterm", "preemption", "stability")
 
 
 class CheckpointStorageError(CheckpointSaveError):
@@ -58,8 +58,25 @@ class CheckpointStorageError(CheckpointSaveError):
 class _InFlight:
     request: SaveRequest
     future: Future[SaveOutcome]
-    stall_s: float  # time the step loop has been blocked for this save so far
+    launched_at: float  # this rank's time.perf_counter() at the launch
+    # Time the step loop was blocked for this save, by cause.
+    stage_s: float = 0.0
+    poll_s: float = 0.0
+    wait_s: float = 0.0
     launched_clock: float | None = None  # rank 0's clock at the first poll after the launch
+
+    @property
+    def stall_s(self) -> float:
+        return self.stage_s + self.poll_s + self.wait_s
+
+
+@dataclass
+class _Poll:
+    """An all-reduce started at one step and read at the next, so no rank waits for the others in it."""
+
+    work: Any
+    values: torch.Tensor
+    inflight: _InFlight | None  # the save whose state this poll reports
 
 
 def _run_in_thread(function: Callable[[], SaveOutcome], name: str) -> Future[SaveOutcome]:
@@ -79,7 +96,7 @@ def _run_in_thread(function: Callable[[], SaveOutcome], name: str) -> Future[Sav
 
 
 class Checkpointer:
-    """Save policy and background saves of one rank; every method is a collective unless it says otherwise.
+    """Save policy and background saves of one rank; every method is a collective unless its docstring states otherwise.
 
     ``on_commit(outcome, stall_s)`` runs on the training thread of every rank, at the same step,
     once a save has committed.
@@ -116,6 +133,9 @@ class Checkpointer:
         self.retry_clock: float | None = None
         self.skipped_saves = 0
         self.last_outcome: SaveOutcome | None = None
+        self.poll: _Poll | None = None
+        self.stager = Stager()
+        self.last_stall: dict[str, float] = {}  # breakdown of the last committed save's stall
 
     # Logging and metrics, from rank 0.
 
@@ -129,14 +149,24 @@ class Checkpointer:
 
     # Agreement.
 
-    def _sync(self, locally_done: bool) -> tuple[bool, float]:
-        """Return (whether every rank's in-flight save is done, rank 0's clock); an all-reduce on the training group."""
+    def _start_poll(self) -> None:
+        """Start an all-reduce of (this rank's save still running, rank 0's clock) on the training group."""
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        running = self.inflight is not None and not self.inflight.future.done()
         clock = time.monotonic() if self.world_rank == 0 else 0.0
-        values = torch.tensor([0.0 if locally_done else 1.0, clock], dtype=torch.float64, device=device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return values[0].item() == 0.0, values[1].item()
+        values = torch.tensor([1.0 if running else 0.0, clock], dtype=torch.float64, device=device)
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True)
+        self.poll = _Poll(work=work, values=values, inflight=self.inflight)
+
+    def _finish_poll(self) -> tuple[bool, float] | None:
+        """Read the poll started at the previous step: (whether that save was done on every rank, rank 0's clock)."""
+        if self.poll is None:
+            return None
+        poll, self.poll = self.poll, None
+        poll.work.wait()
+        all_done = poll.values[0].item() == 0.0 and poll.inflight is not None and poll.inflight is self.inflight
+        return all_done, poll.values[1].item()
 
     # The policy.
 
@@ -148,22 +178,28 @@ class Checkpointer:
         self.requested = reason
 
     def due(self, step: int) -> str | None:
-        """Collect a finished background save, then return why a save is due after ``step``, or None."""
+        """Collect a finished background save, then return why a save is due after ``step``, or None.
+
+        Decisions use the poll started at the previous step, so every rank sees the same values;
+        a commit is noticed one step after every rank finished it.
+        """
         settings = self.settings
-        clock: float | None = None
+        started = time.perf_counter()
+        polled = self._finish_poll()
+        clock = polled[1] if polled is not None else None
+        if clock is not None and self.last_save_clock is None:
+            self.last_save_clock = clock  # every_hours counts from the first poll of this attempt
+        if self.inflight is not None:
+            if clock is not None and self.inflight.launched_clock is None:
+                self.inflight.launched_clock = clock
+            if polled is not None and polled[0]:
+                self._collect()
+            else:
+                self._check_inflight(step, clock)
         if self.inflight is not None or self.retry_clock is not None or settings.every_hours is not None:
-            started = time.perf_counter()
-            all_done, clock = self._sync(self.inflight is None or self.inflight.future.done())
-            if self.last_save_clock is None:
-                self.last_save_clock = clock  # every_hours counts from the first step of this attempt
-            if self.inflight is not None:
-                self.inflight.stall_s += time.perf_counter() - started
-                if self.inflight.launched_clock is None:
-                    self.inflight.launched_clock = clock
-                if all_done:
-                    self._collect()
-                else:
-                    self._check_inflight(step, clock)
+            self._start_poll()
+        if self.inflight is not None:
+            self.inflight.poll_s += time.perf_counter() - started
 
         if settings.save_final and step == self.total_steps:
             reason = "final"
@@ -182,7 +218,7 @@ class Checkpointer:
             self.last_save_clock = clock
         return reason
 
-    def _check_inflight(self, step: int, clock: float) -> None:
+    def _check_inflight(self, step: int, clock: float | None) -> None:
         """Wait for a save that has run past ``max_inflight_steps``; fail one that has run past the outage budget."""
         assert self.inflight is not None
         launched_step = self.inflight.request.step
@@ -191,7 +227,8 @@ class Checkpointer:
             self.log(logging.INFO, "step=%d waiting for the save of step %d (checkpoint.max_inflight_steps=%d)", step, launched_step, limit)
             self._wait_and_collect()
             return
-        assert self.inflight.launched_clock is not None
+        if clock is None or self.inflight.launched_clock is None:
+            return
         running_s = clock - self.inflight.launched_clock
         if running_s > self.settings.max_outage_s:
             raise CheckpointStorageError(
@@ -224,35 +261,51 @@ class Checkpointer:
                 self._record_metric("record_checkpoint_skipped")
                 return time.perf_counter() - started
 
+        staging_started = time.perf_counter()
         request = SaveRequest(
             step=step, checkpoint_id=checkpoint_uri(self.run_uri, step), run_uri=self.run_uri,
-            state=stage_state(self.model, self.optimizer), rng=rng_state_payload(),
+            state=self.stager.stage(self.model, self.optimizer), rng=rng_state_payload(),
             train_state=TrainState.from_dict(train_state.to_dict()).to_dict(), config=self.saved_config,
             world_rank=self.world_rank, world_size=self.world_size, reason=reason, loss=loss,
             extra={"attempt": self.attempt},
         )
         self.retry_clock = None
-        self._launch(request, started)
+        self._launch(request, time.perf_counter() - staging_started)
         if blocking:
             self._wait_until_committed()
         return time.perf_counter() - started
 
-    def _launch(self, request: SaveRequest, started: float) -> None:
+    def _launch(self, request: SaveRequest, stage_s: float) -> None:
         group = self.group
+        launched_at = time.perf_counter()
         if self.settings.async_save:
             future = _run_in_thread(lambda: write_and_commit(request, self.save_settings, group), f"stalwart-save-{request.step}")
         else:
             future = Future()
             future.set_result(write_and_commit(request, self.save_settings, None))
-        self.inflight = _InFlight(request=request, future=future, stall_s=time.perf_counter() - started)
+        # A synchronous write counts as a wait: the step loop was blocked for all of it.
+        self.inflight = _InFlight(request=request, future=future, launched_at=launched_at, stage_s=stage_s,
+                                  wait_s=0.0 if self.settings.async_save else time.perf_counter() - launched_at)
         self.log(logging.INFO, "step=%d checkpoint save started (reason=%s)", request.step, request.reason)
 
     def _wait_and_collect(self) -> SaveOutcome:
-        """Block until the in-flight save ends on this rank; its outcome is the same on every rank."""
+        """Block until the in-flight save ends on this rank; its outcome is the same on every rank.
+
+        Raises ``CheckpointStorageError`` when the save is still running ``max_outage_s`` after it started:
+        a write to a server that accepts connections but never responds may not time out by itself.
+        """
         assert self.inflight is not None
         started = time.perf_counter()
-        self.inflight.future.result()
-        self.inflight.stall_s += time.perf_counter() - started
+        remaining_s = self.settings.max_outage_s - (started - self.inflight.launched_at)
+        try:
+            self.inflight.future.result(timeout=max(remaining_s, 0.0))
+        except FutureTimeoutError:
+            raise CheckpointStorageError(
+                f"the checkpoint save of step {self.inflight.request.step} has run for more than "
+                f"checkpoint.max_outage_s={self.settings.max_outage_s:g} s; check that the checkpoint storage answers, "
+                "or raise checkpoint.max_outage_s"
+            ) from None
+        self.inflight.wait_s += time.perf_counter() - started
         return self._collect()
 
     def _wait_until_committed(self) -> None:
@@ -267,7 +320,7 @@ class Checkpointer:
             self.log(logging.WARNING, "step=%d retrying the blocking save in %.1f s", request.step, delay_s)
             # Every rank sleeps the same delay; the save's first collective aligns them again.
             time.sleep(delay_s)
-            self._launch(request, time.perf_counter())
+            self._launch(request, 0.0)
 
     def _backoff_s(self) -> float:
         settings = self.settings
@@ -285,11 +338,14 @@ class Checkpointer:
                 self.log(logging.INFO, "step=%d checkpoint storage is back after %d failed saves", step, self.failures)
             self.failures = 0
             self.outage_started_clock = None
-            self.log(logging.INFO, "step=%d checkpoint committed: %.1f MB in %.2f s in the background, training blocked %.3f s%s",
-                     step, outcome.total_bytes / 1e6, outcome.duration_s, inflight.stall_s,
+            self.log(logging.INFO, "step=%d checkpoint committed: %.1f MB in %.2f s in the background, training blocked "
+                     "%.3f s (staging %.3f s, polls %.3f s, waits %.3f s)%s",
+                     step, outcome.total_bytes / 1e6, outcome.duration_s, inflight.stall_s, inflight.stage_s,
+                     inflight.poll_s, inflight.wait_s,
                      f"; retention deleted steps {outcome.deleted_steps}" if outcome.deleted_steps else "")
             self._record_metric("record_checkpoint_save", {"step": step, "stall_s": inflight.stall_s,
                                                            "duration_s": outcome.duration_s, "bytes": outcome.total_bytes})
+            self.last_stall = {"stage_s": inflight.stage_s, "poll_s": inflight.poll_s, "wait_s": inflight.wait_s}
             if self.on_commit is not None:
                 self.on_commit(outcome, inflight.stall_s)
             return outcome
@@ -319,6 +375,9 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for the in-flight save, then free the checkpoint process group."""
         self.wait()
+        if self.poll is not None:
+            self.poll.work.wait()  # every rank started it, so it completes
+            self.poll = None
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None

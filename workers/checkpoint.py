@@ -1,8 +1,8 @@
 """Sharded checkpoint save and load with torch.distributed.checkpoint over fsspec.
 
 A save has two halves. ``stage_state`` copies model and optimizer shards to new
-CPU tensors on the training thread; ``write_and_commit`` then writes them from
-any thread, collectively over a process group of its own:
+CPU tensors on the training thread. ``write_and_commit`` then writes them from
+any thread, as a collective over a process group of its own:
 
 1. rank 0 picks a new save folder ``step-N/save-<id>/`` and tells the others;
 2. every rank writes its RNG file and its DCP shard, hashing the bytes;
@@ -74,12 +74,12 @@ T = TypeVar("T")
 
 
 class CheckpointSaveError(RuntimeError):
-    """A save did not commit; the message says why. No commit record was written."""
+    """A save did not commit, and no commit record was written; the message gives the reason."""
 
 
 @dataclass
 class TrainState:
-    """What besides model and optimizer a resume needs; saved as JSON by rank 0."""
+    """Training progress that a resume needs besides model and optimizer, saved as JSON by rank 0."""
 
     step: int = 0
     tokens_seen: int = 0
@@ -101,7 +101,7 @@ class TrainState:
 
 @dataclass(frozen=True)
 class SaveSettings:
-    """How files are written and which checkpoints retention keeps."""
+    """Settings for writing checkpoint files and for retention."""
 
     storage_options: dict[str, Any]
     keep_last: KeepLast = "all"
@@ -210,6 +210,33 @@ def stage_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     """
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return BlockingAsyncStager(cache_staged_state_dict=False).stage({"model": model_state, "optimizer": optimizer_state})
+
+
+class Stager:
+    """Stages like ``stage_state`` into CPU buffers that are allocated once and reused by later saves.
+
+    Reuse is safe only while no earlier staged copy is still being written, which holds because at
+    most one save is in flight and a new one is staged only after the previous one ended. Pinned
+    memory is used when CUDA is available, which speeds up the copy from the GPU.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] | None = None
+
+    def stage(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        # NOTE: torch 2.13 has no public API for copying into existing buffers; BlockingAsyncStager
+        # uses these two private helpers itself, but pins memory even where no GPU exists.
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict  # noqa: PLC0415
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if self._buffers is not None:
+            try:
+                return _copy_state_dict(state, self._buffers)
+            except (KeyError, ValueError, RuntimeError, AssertionError):
+                self._buffers = None  # the structure changed, for example new optimizer state: allocate again
+        self._buffers = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state, self._buffers)
 
 
 def _new_save_dir_name() -> str:

@@ -6,7 +6,7 @@
   creates folders or probes for old metadata: the save folder is new and rank 0
   creates it once.
 - ``VerifiedReader`` reads each file whole, checks it against the commit
-  record before DCP sees a byte, and unpickles ``.metadata`` with an allowlist
+  record before DCP reads a byte of it, and unpickles ``.metadata`` with an allowlist
   of DCP's own classes.
 - ``SafeLoadPlanner`` loads DCP's non-tensor items with ``weights_only=True``
   (torch 2.13's ``DefaultLoadPlanner`` uses ``weights_only=False``).
@@ -81,7 +81,7 @@ def load_dcp_metadata(data: bytes, source: str) -> Metadata:
     except Exception as error:  # any failure of untrusted bytes is an integrity problem, never a crash
         raise CheckpointIntegrityError(f"{source} was rejected: {type(error).__name__}: {error}") from None
     if not isinstance(metadata, Metadata):
-        raise CheckpointIntegrityError(f"{source} holds a {type(metadata).__name__}, not DCP Metadata")
+        raise CheckpointIntegrityError(f"{source} contains a {type(metadata).__name__}, not DCP Metadata")
     return metadata
 
 

@@ -50,6 +50,7 @@ def forward_backward(
     backward_scale: float = 1.0,
     flags: Sequence[float] = (),
     timings: dict[str, float] | None = None,
+    sample_replicas: int = 1,
 ) -> tuple[torch.Tensor, int]:
     """Accumulate gradients over this rank's micro-batches; return (global loss sum, global target tokens).
 
@@ -61,6 +62,10 @@ def forward_backward(
     ``flags`` ride along with the token count in the step's first collective;
     their sums over ranks land in ``timings["flags"]`` when ``timings`` is given,
     with the seconds this rank waited in that collective in ``timings["sync_wait_s"]``.
+
+    ``sample_replicas`` is the number of ranks that train on each sample (the
+    tensor-parallel size): sums over all ranks count each token and its loss
+    that many times, so they are divided by it.
     """
     local_tokens = sum(batch.num_target_tokens for batch in micro_batches)
     counts = torch.tensor([local_tokens, *flags], dtype=torch.float64, device=device)
@@ -69,7 +74,7 @@ def forward_backward(
     if timings is not None:
         timings["sync_wait_s"] = time.perf_counter() - wait_started
         timings["flags"] = counts[1:]
-    global_tokens = int(counts[0])
+    global_tokens = int(counts[0]) // sample_replicas
     if global_tokens == 0:
         raise ValueError("the global batch has no target tokens; check the data and model.seq_len")
 
@@ -86,7 +91,10 @@ def forward_backward(
             token_loss_sum = token_loss_sum * loss_multiplier
         (token_loss_sum * (backward_scale / global_tokens)).backward()
         loss_sum += token_loss_sum.detach()
-    return _all_reduce_sum(loss_sum), global_tokens
+    loss_sum = _all_reduce_sum(loss_sum)
+    if sample_replicas > 1:
+        loss_sum = loss_sum / sample_replicas
+    return loss_sum, global_tokens
 
 
 def _parameters_with_grad(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -131,11 +139,12 @@ def compute_gradients(
     loss_scale: float = 1.0,
     flags: Sequence[float] = (),
     timings: dict[str, float] | None = None,
+    sample_replicas: int = 1,
 ) -> Gradients:
     """Run forward and backward for the step and read the global loss and grad norm (one host sync)."""
     loss_sum, global_tokens = forward_backward(
         model, micro_batches, device, fsdp_units, loss_multiplier=loss_multiplier, backward_scale=loss_scale,
-        flags=flags, timings=timings,
+        flags=flags, timings=timings, sample_replicas=sample_replicas,
     )
     norm = gradient_norm(model)
     values = torch.stack([loss_sum / global_tokens, norm.to(loss_sum.dtype) / loss_scale]).tolist()

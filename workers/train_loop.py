@@ -19,9 +19,8 @@ from typing import Any
 import ray.train
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
-from service.catalog import committed_newest_first
+from service.catalog import committed_newest_first, read_commit_record
 from service.config import Config
 from service.storage import filesystem, join, read_json, write_json
 from workers.async_save import Checkpointer
@@ -30,7 +29,7 @@ from workers.data import SampleOrder, TokenDataset, rank_micro_batches
 from workers.faults import fire_hang_faults, fire_kill_faults, slow_fault_delay_s, spike_multiplier
 from workers.flops import current_device_peak, training_flops_per_token
 from workers.model import ModelArgs, build_model
-from workers.parallel import apply_fsdp
+from workers.parallel import ParallelModel, ShardedAdamW, build_device_mesh, parallelize
 from workers.reporting import ProgressReporter, StepRecord
 from workers.schedule import lr_multiplier
 from workers.stability import DataSkips, DetectorSettings, DynamicLossScaler, SpikeAbort, SpikeMonitor, StabilityEvent
@@ -66,14 +65,20 @@ def configure_worker_logging() -> None:
             package_logger.propagate = False
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm weights are not decayed)."""
+def build_optimizer(model: torch.nn.Module, config: Config, parallel: ParallelModel | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm weights are not decayed).
+
+    Under zero1 (``parallel.shard_optimizer_state``) the same update runs in ``ShardedAdamW``.
+    """
     decay = [param for param in model.parameters() if param.ndim >= 2]
     no_decay = [param for param in model.parameters() if param.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": config.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if parallel is not None and parallel.shard_optimizer_state:
+        return ShardedAdamW(groups, mesh=parallel.mesh, lr=config.optim.lr, betas=config.optim.betas,
+                            eps=config.optim.eps, weight_decay=config.optim.weight_decay)
     return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps, foreach=True)
 
 
@@ -146,7 +151,7 @@ class Trainer:
             torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
         self.context = WorkerContext(ray_context.get_world_rank(), ray_context.get_world_size(), local_rank, device)
         self.is_rank0 = self.context.world_rank == 0
-        mesh = init_device_mesh(device.type, (self.context.world_size,))
+        mesh = build_device_mesh(device.type, self.context.world_size, config.parallel)
 
         self.refuse_if_aborted()
         self.attempt = next_attempt(self.run_uri, self.storage_options, self.context, self.started_at)
@@ -154,12 +159,13 @@ class Trainer:
         if self.metrics_actor is not None and self.is_rank0:
             self.metrics_actor.record_attempt.remote(self.attempt, self.context.world_size)
 
-        # Model and optimizer: identical init on every rank from the seed, then sharded.
-        self.model = build_model(model_args(config), seed=config.run.seed)
-        self.model.to(device)
-        self.fsdp_units = apply_fsdp(self.model, mesh, param_dtype=config.parallel.param_dtype,
-                                     reduce_dtype=config.parallel.reduce_dtype)
-        self.optimizer = build_optimizer(self.model, config)
+        # Model and optimizer: identical init on every rank from the seed, then sharded or wrapped by the strategy.
+        model = build_model(model_args(config), seed=config.run.seed)
+        model.to(device)
+        self.parallel = parallelize(model, config.parallel, mesh)
+        self.model = self.parallel.module
+        self.fsdp_units = self.parallel.sync_units
+        self.optimizer = build_optimizer(self.model, config, self.parallel)
         self.checkpointer = Checkpointer(
             settings=config.checkpoint, run_uri=self.run_uri, storage_options=self.storage_options,
             saved_config=self.saved_config, model=self.model, optimizer=self.optimizer,
@@ -174,7 +180,8 @@ class Trainer:
         self.loss_scaler = None
         if config.parallel.param_dtype == "float16":
             self.loss_scaler = DynamicLossScaler(config.parallel.init_loss_scale,
-                                                 growth_interval=config.parallel.loss_scale_growth_interval)
+                                                 growth_interval=config.parallel.loss_scale_growth_interval,
+                                                 min_scale=config.parallel.min_loss_scale)
         self.train_state = TrainState()
         self.data_skips = DataSkips()
         self.last_saved_step = 0
@@ -297,8 +304,11 @@ class Trainer:
             self.loss_scaler.load_state_dict(self.train_state.loss_scaler)
         # The run-level record also holds skips decided after this checkpoint was saved.
         self.data_skips = DataSkips([tuple(item) for item in self.train_state.data_skips] + self.read_run_skips())
-        self.log(logging.INFO, "loaded %s (step %d) in %.2f s", checkpoint_id, self.train_state.step,
-                 time.monotonic() - load_started)
+        load_s = time.monotonic() - load_started
+        self.log(logging.INFO, "loaded %s (step %d) in %.2f s", checkpoint_id, self.train_state.step, load_s)
+        if self.is_rank0 and self.metrics_actor is not None:
+            loaded_bytes = read_commit_record(self.fs, checkpoint_id).total_bytes
+            self.metrics_actor.record_checkpoint_load.remote(load_s, loaded_bytes)
 
     def resume(self) -> None:
         # A checkpoint that fails verification is logged and skipped for the one before it.
@@ -349,7 +359,8 @@ class Trainer:
         config = self.config
         batch_id = self.data_skips.batch_for_step(step)
         indices = self.order.global_batch(batch_id, config.train.global_batch)
-        chunks = rank_micro_batches(indices, self.context.world_rank, self.context.world_size, config.train.micro_batch)
+        # Ranks of one tensor-parallel group share a data shard.
+        chunks = rank_micro_batches(indices, self.parallel.dp_rank, self.parallel.dp_size, config.train.micro_batch)
         batches = [self.dataset.micro_batch(chunk) for chunk in chunks]
         if config.run.record_samples:
             self.step_samples = self.gather_samples(batches)
@@ -388,7 +399,8 @@ class Trainer:
         timings: dict[str, Any] = {}
         gradients = compute_gradients(self.model, self.micro_batches(step), device=self.context.device,
                                       fsdp_units=self.fsdp_units, loss_multiplier=multiplier, loss_scale=scale,
-                                      flags=[float(self.stop_requested.is_set())], timings=timings)
+                                      flags=[float(self.stop_requested.is_set())], timings=timings,
+                                      sample_replicas=self.parallel.tp_size)
         # Any rank's stop request reaches every rank through the step's first collective.
         if timings["flags"][0] > 0:
             self.stop_requested.set()
