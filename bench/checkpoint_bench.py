@@ -1,9 +1,9 @@
 """Checkpoint benchmark: training stall per save (sync vs async), save throughput vs raw s3fs, load time.
 
 Two gloo ranks on this machine train the model of a config (examples/tiny.yaml by
-default, about 3.3 M parameters) on random tokens and save every few steps to a
-moto S3 server this script starts on 127.0.0.1 (and to a local folder for the
-load figure). Run from the repository root:
+default, about 3.3 M parameters) on random tokens. They save every few steps to
+a moto S3 server that this script starts on 127.0.0.1, and once to a local
+folder for the load figure. Run from the repository root:
 
     .venv/bin/python bench/checkpoint_bench.py --config examples/tiny.yaml --saves 4
 

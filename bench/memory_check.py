@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -43,13 +44,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch._C._profiler import _EventType  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from service.config import Config, config_from_dict  # noqa: E402
 from service.planner import estimate_memory, plan_inputs_from_config  # noqa: E402
 from workers.data import MicroBatch  # noqa: E402
 from workers.model import build_model  # noqa: E402
-from workers.parallel import build_device_mesh, parallelize  # noqa: E402
+from workers.parallel import ParallelModel, build_device_mesh, parallelize  # noqa: E402
 from workers.step import apply_update, compute_gradients  # noqa: E402
 from workers.train_loop import build_optimizer, model_args  # noqa: E402
 
@@ -91,11 +93,12 @@ class Measurement:
 
 def check_config(parallel: dict[str, Any], world_size: int, model: dict[str, Any] | None = None,
                  micro_batch: int = MICRO_BATCH) -> Config:
-    """Return the config of one measured case."""
+    """Return the config of one measured case: one micro-batch per data-parallel rank per step."""
+    dp_size = world_size // parallel.get("tensor_parallel_size", 1)
     return config_from_dict({
         "model": model or CHECK_MODEL,
         "scaling": {"num_workers": world_size},
-        "train": {"global_batch": micro_batch * world_size, "micro_batch": micro_batch},
+        "train": {"global_batch": micro_batch * dp_size, "micro_batch": micro_batch},
         "parallel": parallel,
     })
 
@@ -107,8 +110,12 @@ def _random_batch(config: Config, step: int, dp_rank: int) -> MicroBatch:
     return MicroBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], sample_indices=())
 
 
-def train_steps(config: Config, device: torch.device, steps: int, around_step: Callable[[int], Any]) -> None:
-    """Build the model under the config's strategy and run ``steps`` steps, each inside ``around_step(step)``."""
+def train_steps(config: Config, device: torch.device, steps: int,
+                around_step: Callable[[int], Any]) -> tuple[ParallelModel, torch.optim.Optimizer]:
+    """Build the model under the config's strategy and run ``steps`` steps, each inside ``around_step(step)``.
+
+    Returns the model and the optimizer, so the caller decides when they are freed.
+    """
     mesh = build_device_mesh(device.type, dist.get_world_size(), config.parallel)
     model = build_model(model_args(config), seed=config.run.seed)
     model.to(device)
@@ -121,50 +128,91 @@ def train_steps(config: Config, device: torch.device, steps: int, around_step: C
                                           sample_replicas=parallel.tp_size)
             apply_update(parallel.module, optimizer, gradients, lr=1e-3, grad_clip=1.0)
             optimizer.zero_grad(set_to_none=True)
+    return parallel, optimizer
+
+
+def live_storage_addresses() -> set[int]:
+    """Return the data addresses of every tensor storage that Python objects still reach."""
+    addresses = set()
+    with warnings.catch_warnings():
+        # isinstance() on torch.distributed's deprecated aliases warns; they are not tensors anyway.
+        warnings.simplefilter("ignore", FutureWarning)
+        for item in gc.get_objects():
+            if isinstance(item, torch.Tensor):
+                local = item.to_local() if isinstance(item, DTensor) else item
+                if local.untyped_storage().nbytes():
+                    addresses.add(local.untyped_storage().data_ptr())
+    return addresses
 
 
 def cpu_peak_bytes(config: Config, steps: int = STEPS) -> int:
     """Return the peak of live CPU tensor memory during the last of ``steps`` steps (profiler memory events)."""
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        train_steps(config, torch.device("cpu"), steps, lambda step: record_function(f"{STEP_LABEL}{step}"))
+        trained = train_steps(config, torch.device("cpu"), steps, lambda step: record_function(f"{STEP_LABEL}{step}"))
+    alive = live_storage_addresses()
+    del trained
     results = profiler.profiler.kineto_results
     last_step = [event for event in results.events() if event.name() == f"{STEP_LABEL}{steps}"]
     if not last_step:
         raise RuntimeError(f"the profiler recorded no range named {STEP_LABEL}{steps}")
-    return peak_live_bytes(allocation_events(results), last_step[0].start_ns(), last_step[0].end_ns())
+    return peak_live_bytes(allocation_events(results), last_step[0].start_ns(), last_step[0].end_ns(), alive)
 
 
 def allocation_events(results: Any) -> list[tuple[int, int, int]]:
-    """Return (time_ns, address, bytes) of every allocation (bytes > 0) and free (bytes < 0), in time order."""
+    """Return (time_ns, address, bytes) of every allocation (bytes > 0) and free (bytes < 0), in time order.
+
+    A block that a ``c10d::`` collective allocates for itself (gloo's staging copies) also gets a
+    free at the end of that collective; see ``peak_live_bytes``.
+    """
     events = []
-    stack = list(results.experimental_event_tree())
+    stack = [(node, None) for node in results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
+        node, collective_end_ns = stack.pop()
+        if node.name.startswith("c10d::"):
+            collective_end_ns = node.end_time_ns
         if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-        stack.extend(node.children)
+            size = node.extra_fields.alloc_size
+            events.append((node.start_time_ns, node.extra_fields.ptr, size))
+            if size > 0 and collective_end_ns is not None:
+                events.append((collective_end_ns, node.extra_fields.ptr, -size))
+        stack.extend((child, collective_end_ns) for child in node.children)
     return sorted(events)
 
 
-def peak_live_bytes(events: list[tuple[int, int, int]], window_start_ns: int, window_end_ns: int) -> int:
+def peak_live_bytes(events: list[tuple[int, int, int]], window_start_ns: int, window_end_ns: int,
+                    alive_at_end: set[int] | None = None) -> int:
     """Return the largest sum of live allocations at any moment in [window_start_ns, window_end_ns].
 
-    Allocations are matched to frees by address. The profiler sees only frees on the threads it
-    profiles, and gloo drops its references to collective buffers on its own threads; an address
-    allocated again proves the earlier block was freed, so it is counted once. Blocks freed unseen
-    and never reused still count, which can only raise the measured peak.
+    Allocations are matched to frees by address. The profiler sees only the frees on the threads
+    it profiles, and gloo drops its references to collective buffers (and to DDP's replaced
+    gradient buckets) on its own threads. So a block counts as freed when its free is seen, when
+    its address is allocated again, when it is a collective's own staging block and the
+    collective has returned, or when it was allocated before the window and no tensor holds it
+    at the end (``alive_at_end``). A block allocated inside the window and freed unseen counts
+    to the end of the window, which can only raise the measured peak.
     """
+    open_blocks: dict[int, int] = {}
+    for index, (_, address, size) in enumerate(events):
+        if size > 0:
+            open_blocks[address] = index
+        elif address in open_blocks and events[open_blocks[address]][2] == -size:
+            del open_blocks[address]
+    dropped = {index for address, index in open_blocks.items()
+               if alive_at_end is not None and address not in alive_at_end and events[index][0] < window_start_ns}
+
     live: dict[int, int] = {}
     total = 0
     peak = 0
-    for time_ns, address, size in events:
+    for index, (time_ns, address, size) in enumerate(events):
         if time_ns > window_end_ns:
             break
+        if index in dropped:
+            continue
         if size > 0:
             total += size - live.get(address, 0)
             live[address] = size
-        elif address in live:
+        elif live.get(address) == -size:
             total -= live.pop(address)
         if time_ns >= window_start_ns:
             peak = max(peak, total)
@@ -203,7 +251,9 @@ def measure_cases(rank: int, world_size: int, cases: list[tuple[str, dict[str, A
         # Every rank's peak differs a little (uneven shards); report the largest.
         largest = torch.tensor([measured], dtype=torch.int64)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        planned = estimate_memory(plan_inputs_from_config(config, world_size)).peak_bytes
+        estimate = estimate_memory(plan_inputs_from_config(config, world_size))
+        # On CPU, offloaded state shares the one memory with everything else.
+        planned = estimate.unified_peak_bytes if device_type == "cpu" else estimate.peak_bytes
         rows.append(Measurement(name, world_size, device_type, int(largest.item()), planned))
     if rank == 0:
         with open(Path(output_dir) / f"world-{world_size}.jsonl", "w", encoding="utf-8") as file:
@@ -211,21 +261,28 @@ def measure_cases(rank: int, world_size: int, cases: list[tuple[str, dict[str, A
                 file.write(json.dumps(asdict(row)) + "\n")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, device_type: str, cases: list[tuple[str, dict[str, Any]]],
-               output_dir: str) -> None:
+def start_rank(rank: int, world_size: int, port: int, device_type: str) -> torch.device:
+    """Join the process group on 127.0.0.1 (gloo on CPU, NCCL on a GPU) and return this rank's device."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = torch.device("cpu")
     if device_type == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=300))
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+    return device
+
+
+def _rank_main(rank: int, world_size: int, port: int, device_type: str, cases: list[tuple[str, dict[str, Any]]],
+               output_dir: str) -> None:
+    start_rank(rank, world_size, port, device_type)
     try:
         measure_cases(rank, world_size, cases, device_type, output_dir)
     finally:
@@ -240,7 +297,7 @@ def run_cases(cases: list[tuple[str, dict[str, Any], int]], device_type: str) ->
     rows: dict[str, Measurement] = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for world_size, group in by_world.items():
-            mp.start_processes(_rank_main, args=(world_size, _free_port(), device_type, group, output_dir),
+            mp.start_processes(_rank_main, args=(world_size, free_port(), device_type, group, output_dir),
                                nprocs=world_size, join=True, start_method="spawn")
             for line in Path(output_dir, f"world-{world_size}.jsonl").read_text(encoding="utf-8").splitlines():
                 row = Measurement(**json.loads(line))

@@ -393,6 +393,8 @@ def apply_retention(fs: fsspec.AbstractFileSystem, run_uri: str, keep_last: Keep
     if not committed:
         return []
     newest = committed[-1].step
+    # NOTE: a lease written after this listing is not seen, so a load that starts during retention
+    # can lose its checkpoint; it then fails verification and falls back to an older one.
     plan = plan_retention([info.step for info in committed], keep_last, keep_every_steps, leased_steps(fs, run_uri))
     doomed = [info for info in committed if info.step in plan.delete]
     if dry_run:

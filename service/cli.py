@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import TextIO
 
 import yaml
 
@@ -22,12 +23,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_deepspeed_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from-deepspeed", metavar="DS_CONFIG_JSON",
+        help="map a DeepSpeed JSON config onto the config (after --config, before --set); prints the mapping and "
+        "every key it cannot honour",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant pretraining on Ray Train and FSDP2.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run or resume a training job")
     _add_config_arguments(train)
+    _add_deepspeed_argument(train)
     train.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
@@ -46,14 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_checkpoints_parser(commands, _add_config_arguments)
 
+    from service.planner import add_parser as add_plan_parser
+
+    add_plan_parser(commands, _add_config_arguments)
+
     show = commands.add_parser("config", help="print the validated config as YAML")
     _add_config_arguments(show)
+    _add_deepspeed_argument(show)
     show.add_argument("--defaults", action="store_true", help="print the default config and ignore --config/--set")
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+def _load(args: argparse.Namespace, mapping_stream: TextIO = sys.stdout) -> Config:
+    overrides = list(args.overrides)
+    deepspeed_config = getattr(args, "from_deepspeed", None)
+    if deepspeed_config:
+        from service.deepspeed_import import import_deepspeed_file
+
+        # The base config's world size resolves batch sizes the DeepSpeed file leaves open.
+        base = load_config(args.config, args.overrides)
+        imported = import_deepspeed_file(deepspeed_config, base.scaling.max_workers)
+        for line in imported.report_lines():
+            print(line, file=mapping_stream)
+        overrides = imported.override_strings() + overrides
+    return load_config(args.config, overrides)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -113,14 +139,21 @@ def command_checkpoints(args: argparse.Namespace) -> int:
     return run_command(args, config, run_uri)
 
 
+def command_plan(args: argparse.Namespace) -> int:
+    from service.planner import run_command
+
+    return run_command(args, None if args.example else _load(args))
+
+
 def command_config(args: argparse.Namespace) -> int:
-    config = Config() if args.defaults else _load(args)
+    # The DeepSpeed mapping goes to stderr, so stdout stays valid YAML.
+    config = Config() if args.defaults else _load(args, mapping_stream=sys.stderr)
     print(yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False), end="")
     return 0
 
 
 COMMANDS = {"train": command_train, "prepare": command_prepare, "report": command_report, "config": command_config,
-            "checkpoints": command_checkpoints}
+            "checkpoints": command_checkpoints, "plan": command_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

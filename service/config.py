@@ -385,11 +385,14 @@ class Config(Section):
     def _check_cross_fields(self) -> "Config":
         world_size = self.scaling.max_workers
         if not self.scaling.elastic:
-            per_step = self.train.micro_batch * world_size
+            # Ranks of one tensor-parallel group train on the same samples.
+            tp_size = self.parallel.tensor_parallel_size
+            data_ranks = "scaling.num_workers" if tp_size == 1 else "scaling.num_workers / parallel.tensor_parallel_size"
+            per_step = self.train.micro_batch * (world_size // tp_size)
             if self.train.global_batch % per_step:
                 raise ValueError(
                     f"train.global_batch={self.train.global_batch} is not divisible by "
-                    f"train.micro_batch x scaling.num_workers = {self.train.micro_batch} x {world_size} = {per_step}; "
+                    f"train.micro_batch x {data_ranks} = {self.train.micro_batch} x {world_size // tp_size} = {per_step}; "
                     f"set train.global_batch to a multiple of {per_step} or change train.micro_batch"
                 )
         else:
@@ -453,7 +456,7 @@ class Config(Section):
 
     def grad_accum_steps_at(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step at ``world_size`` (the global batch is constant)."""
-        return self.train.global_batch // (self.train.micro_batch * world_size)
+        return self.train.global_batch // (self.train.micro_batch * (world_size // self.parallel.tensor_parallel_size))
 
 
 def _lcm(*numbers: int) -> int:

@@ -271,6 +271,7 @@ class MemoryEstimate:
     host_bytes: int  # CPU offload: parameters, gradients and optimizer state kept in host memory
     backward_peak_bytes: int
     step_peak_bytes: int
+    unified_peak_bytes: int  # the peak where device and host memory are one (a CPU run): offloaded state counts too
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -313,12 +314,14 @@ def _estimate_ddp(inputs: PlanInputs, *, sharded_optimizer: bool) -> MemoryEstim
         largest = max(shape.numel() for shape in all_shapes)
         step_bytes = max(step_bytes, MASTER_BYTES * largest * (1 + 1 / inputs.world_size))
     persistent = parameters_bytes + gradients_bytes + optimizer_bytes
+    backward_peak = persistent + activations + gather_bytes + loss_backward
+    step_peak = int(persistent + step_bytes)
     return MemoryEstimate(
         inputs=inputs, parameters_bytes=parameters_bytes, gradients_bytes=gradients_bytes,
         optimizer_bytes=optimizer_bytes, activations_bytes=activations, gather_bytes=gather_bytes,
         largest_unit_gather_bytes=0, loss_backward_bytes=loss_backward, optimizer_step_bytes=int(step_bytes),
-        host_bytes=0, backward_peak_bytes=persistent + activations + gather_bytes + loss_backward,
-        step_peak_bytes=int(persistent + step_bytes),
+        host_bytes=0, backward_peak_bytes=backward_peak, step_peak_bytes=step_peak,
+        unified_peak_bytes=max(backward_peak, step_peak),
     )
 
 
@@ -358,14 +361,16 @@ def _estimate_fsdp(inputs: PlanInputs, *, keep_unsharded: bool) -> MemoryEstimat
     step_bytes = MASTER_BYTES * local_numel
     # Sharded gradients of all but the last block exist only after their reduce-scatter; at the
     # backward peak the sharded gradients already made are those of the root's output head.
-    host_bytes = 0
     persistent = parameters_bytes + optimizer_bytes
     backward_peak = persistent + activations + gather_bytes + loss_backward
     step_peak = persistent + gradients_bytes + step_bytes
+    unified_peak = max(backward_peak, step_peak)
+    host_bytes = 0
     if inputs.cpu_offload:
-        host_bytes = parameters_bytes + gradients_bytes + optimizer_bytes + step_bytes
-        # The all-gather input: the shard copied to the device before each all-gather.
-        backward_peak = activations + gather_bytes + loss_backward + compute * local_numel // max(1, inputs.n_layers)
+        host_bytes = persistent + gradients_bytes + step_bytes
+        # The device keeps what is in flight, plus each unit's shard copied over before its all-gather.
+        largest_shard = max(_local_numel(blocks, inputs, shard), _local_numel(roots, inputs, shard))
+        backward_peak = activations + gather_bytes + loss_backward + compute * largest_shard
         step_peak = 0
         notes.append("CPU offload: the optimizer step runs on the host; the device holds only units in flight")
     return MemoryEstimate(
@@ -373,7 +378,7 @@ def _estimate_fsdp(inputs: PlanInputs, *, keep_unsharded: bool) -> MemoryEstimat
         optimizer_bytes=optimizer_bytes, activations_bytes=activations, gather_bytes=gather_bytes,
         largest_unit_gather_bytes=compute * max(block_unsharded, root_unsharded),
         loss_backward_bytes=loss_backward, optimizer_step_bytes=step_bytes, host_bytes=host_bytes,
-        backward_peak_bytes=backward_peak, step_peak_bytes=step_peak, notes=notes,
+        backward_peak_bytes=backward_peak, step_peak_bytes=step_peak, unified_peak_bytes=unified_peak, notes=notes,
     )
 
 

@@ -335,7 +335,8 @@ def _gradients_and_block_calls(mode: str) -> tuple[dict[str, torch.Tensor], list
     apply_activation_checkpointing(model, mode, 2)
     calls = [0] * len(model.layers)
     for index, block in enumerate(model.layers):
-        block.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        # On a submodule: recomputation calls the block's forward function, not the block's hooks.
+        block.feed_forward.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     compute_gradients(model, rank_batches(1, 0, 1), device=CPU)
     return {name: param.grad.clone() for name, param in model.named_parameters()}, calls
 
