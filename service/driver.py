@@ -136,7 +136,9 @@ def start_ray(address: str | None) -> bool:
     # NOTE: the loopback binding comes from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which
     # the CLI sets before Ray is imported; ray.init cannot change it afterwards.
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    # address="local" always starts a new cluster: without it, ray.init() joins the latest
+    # cluster that `ray start` left on this machine, even a dead one.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     return True
 
 

@@ -295,7 +295,7 @@ def load_saved_checkpoint(saved_checkpoint: SavedCheckpoint, tmp_path_factory: p
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_s3_round_trip_bitwise(saved_checkpoint: SavedCheckpoint, load_saved_checkpoint: Any, world_size: int) -> None:
     output_dir = load_saved_checkpoint(world_size)
     saved = torch.load(saved_checkpoint.reference_dir / "saved.pt", weights_only=True)
@@ -315,7 +315,7 @@ def test_s3_round_trip_bitwise(saved_checkpoint: SavedCheckpoint, load_saved_che
     assert loaded["param_groups"] == saved["param_groups"]
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_s3_round_trip_train_state(saved_checkpoint: SavedCheckpoint, load_saved_checkpoint: Any, world_size: int) -> None:
     output_dir = load_saved_checkpoint(world_size)
     saved = json.loads((saved_checkpoint.reference_dir / "saved_train_state.json").read_text())
@@ -324,12 +324,16 @@ def test_s3_round_trip_train_state(saved_checkpoint: SavedCheckpoint, load_saved
     assert loaded["step"] == SAVED_STEP
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_s3_round_trip_rng(saved_checkpoint: SavedCheckpoint, load_saved_checkpoint: Any, world_size: int) -> None:
     """Same world size: each rank gets its saved RNG state back; another world size: a stream from the seed."""
     output_dir = load_saved_checkpoint(world_size)
+    states = [torch.load(output_dir / f"loaded-rng-rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+    if world_size != WORLD_SIZE:
+        # Streams derived for a new world size are distinct per rank.
+        assert len({bytes(state.numpy()) for state in states}) == world_size, "two ranks share an RNG stream"
     for world_rank in range(world_size):
-        loaded = torch.load(output_dir / f"loaded-rng-rank{world_rank}.pt", weights_only=True)
+        loaded = states[world_rank]
         if world_size == WORLD_SIZE:
             expected = torch.load(saved_checkpoint.reference_dir / f"saved-rng-rank{world_rank}.pt", weights_only=True)
         else:
