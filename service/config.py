@@ -296,6 +296,13 @@ class DetectorSection(Section):
     policy: Policy = Field(description="log: record only; skip: skip the optimizer step; rollback: reload the last checkpoint before the spike and skip a window of batches.")
 
 
+DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "loss_zscore": {"enabled": True, "threshold": 6.0, "policy": "rollback"},
+    "grad_norm_ratio": {"enabled": True, "threshold": 10.0, "policy": "skip"},
+    "loss_ratio": {"enabled": False, "threshold": 2.0, "policy": "log"},
+}
+
+
 class StabilitySection(Section):
     window: PositiveInt = Field(50, description="Steps of rolling history each detector compares against; no decision before it is full.")
     nonfinite_policy: Literal["skip", "rollback"] = Field("skip", description="Action on a non-finite loss or grad norm.")
@@ -307,6 +314,14 @@ class StabilitySection(Section):
     rollback_skip_batches: PositiveInt = Field(100, description="Global batches skipped after a rollback, starting at the first batch after the checkpoint (always through the spike's batch).")
     max_events: PositiveInt | None = Field(10, description="Abort the run when more events than this fall within event_window_steps; None never aborts.")
     event_window_steps: PositiveInt = 1000
+
+    @field_validator("loss_zscore", "grad_norm_ratio", "loss_ratio", mode="before")
+    @classmethod
+    def _fill_detector_defaults(cls, value: Any, info: Any) -> Any:
+        # A partial override such as --set stability.loss_zscore.policy=log keeps the other defaults.
+        if isinstance(value, dict):
+            return {**DETECTOR_DEFAULTS[info.field_name], **value}
+        return value
 
 
 class FaultToleranceSection(Section):
@@ -572,7 +587,8 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
         raise ConfigError(format_validation_error(error)) from None
 
 
-SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|key$|key_id$|^key", re.IGNORECASE)
+# "token" only as a whole word part (auth_token, session_token), so data.tokenizer stays visible.
+SECRET_KEY_PATTERN = re.compile(r"secret|password|(^|_)token($|_)|credential|key$|key_id$|^key", re.IGNORECASE)
 
 
 def redact_secrets(value: Any) -> Any:

@@ -101,16 +101,13 @@ def next_attempt(run_uri: str, storage_options: dict[str, Any], context: WorkerC
 
 
 def report_checkpoint_to_ray(step: int, checkpoint_id: str, metrics: dict[str, Any]) -> None:
-    """Tell Ray Train about a committed checkpoint that already lies under the run's storage path."""
-    storage = ray.train.get_context().get_storage()
-    relative = checkpoint_id.rsplit("/checkpoints/", 1)[-1]
-    path = join(storage.experiment_fs_path, "checkpoints", relative)
-    checkpoint = ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
-    ray.train.report(
-        {**metrics, "step": step},
-        checkpoint=checkpoint,
-        checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
-    )
+    """Report a committed checkpoint's step and metrics to Ray Train, without handing it the checkpoint.
+
+    Stalwart's catalog in storage decides what to resume from and prunes old
+    checkpoints. A checkpoint given to Ray would go into Ray's run snapshot, and
+    Ray refuses to start the next driver session once retention has deleted it.
+    """
+    ray.train.report({**metrics, "step": step, "checkpoint_id": checkpoint_id})
 
 
 def build_spike_monitor(config: Config) -> SpikeMonitor:
@@ -186,6 +183,7 @@ class Trainer:
         self.data_skips = DataSkips()
         self.last_saved_step = 0
         self.stop_requested = threading.Event()
+        self.stop_agreed = False
         self.slow_intervals: dict[int, int] = {}
         self.busy_times_s: list[float] = []
         tolerance = config.fault_tolerance
@@ -402,7 +400,8 @@ class Trainer:
                                       flags=[float(self.stop_requested.is_set())], timings=timings,
                                       sample_replicas=self.parallel.tp_size)
         # Any rank's stop request reaches every rank through the step's first collective.
-        if timings["flags"][0] > 0:
+        self.stop_agreed = timings["flags"][0] > 0
+        if self.stop_agreed:
             self.stop_requested.set()
         # NOTE: busy time leaves out only the wait in the step's first collective, so it catches
         # ranks that are late to start a step (slow data, host stalls), not slow kernels inside it.
@@ -463,7 +462,9 @@ class Trainer:
         try:
             while step < config.train.steps:
                 step = self.train_one(step + 1)
-                if self.stop_requested.is_set():
+                # The agreed flag, not the live one: rank 0's poller may set the live flag
+                # after this step's collective, and every rank must stop at the same step.
+                if self.stop_agreed:
                     self.stop(step)
                     return
         finally:
