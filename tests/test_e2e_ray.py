@@ -192,3 +192,14 @@ def test_killed_run_consumes_same_samples(clean_run, killed_run, storage):
     assert consumed_samples(killed, STEPS) == consumed_samples(clean, STEPS)
     # Each step trains on exactly one global batch: no repeats inside an epoch's first steps.
     assert len(set(consumed_samples(clean, STEPS))) == STEPS * 8
+
+
+def test_rerun_after_retention_trains_more(clean_run, killed_run, storage):
+    """A second driver session on a run whose retention deleted old checkpoints resumes from storage."""
+    tree = tiny_config(storage, "clean")
+    tree["train"]["steps"] = STEPS + 5
+    summary = run_training(config_from_dict(tree))
+    records = read_history(run_uri(storage, "clean"))
+    resumed = [record["step"] for record in records if record["attempt"] == max(r["attempt"] for r in records)]
+    assert summary.steps == STEPS + 5
+    assert resumed == list(range(STEPS + 1, STEPS + 6))
