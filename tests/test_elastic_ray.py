@@ -30,7 +30,7 @@ ADD_BACK_AFTER_STEP = 35  # at world size 1
 LOSS_TOLERANCE = 1e-3
 
 
-def elastic_config(storage: str, name: str, num_workers) -> dict:
+def elastic_config(storage: str, name: str, num_workers, faults: list | None = None) -> dict:
     return {
         "run": {"name": name, "seed": 3, "max_failures": 5, "record_samples": True},
         "storage": {"uri": storage},
@@ -41,6 +41,7 @@ def elastic_config(storage: str, name: str, num_workers) -> dict:
         "checkpoint": {"every_steps": 10, "keep_last": None},
         "metrics": {"port": 0},
         "scaling": {"num_workers": num_workers, "resize_check_interval_s": 5, "worker_group_start_timeout_s": 20},
+        "faults": faults or [],
     }
 
 
@@ -85,7 +86,10 @@ def runs(cluster, tmp_path_factory):
 
     def train() -> None:
         try:
-            results.append(run_training(config_from_dict(elastic_config(storage, "elastic", [1, 2]))))
+            # Steps of 0.5 s from the add-back on leave Ray's resize check time to see the node
+            # before the run ends; the delay does not change the numerics.
+            slow = [{"kind": "slow", "rank": 0, "step": ADD_BACK_AFTER_STEP, "seconds": 0.5}]
+            results.append(run_training(config_from_dict(elastic_config(storage, "elastic", [1, 2], slow))))
         except BaseException as error:  # reported by the main thread
             errors.append(error)
 
