@@ -184,7 +184,7 @@ def peak_live_bytes(events: list[tuple[int, int, int]], window_start_ns: int, wi
                     alive_at_end: set[int] | None = None) -> int:
     """Return the largest sum of live allocations at any moment in [window_start_ns, window_end_ns].
 
-    Allocations are matched to frees by address. The profiler sees only the frees on the threads
+    Allocations are matched to frees by address. The profiler records only the frees on the threads
     it profiles, and gloo drops its references to collective buffers (and to DDP's replaced
     gradient buckets) on its own threads. So a block counts as freed when its free is seen, when
     its address is allocated again, when it is a collective's own staging block and the
@@ -223,6 +223,7 @@ def peak_live_bytes(events: list[tuple[int, int, int]], window_start_ns: int, wi
 
 def cuda_peak_bytes(config: Config, steps: int = STEPS) -> int:
     """Return ``torch.cuda.max_memory_allocated`` over the last of ``steps`` steps."""
+    # NOTE: this GPU path has not run yet; the figures in docs/benchmarks.md are CPU measurements.
     device = torch.device("cuda", torch.cuda.current_device())
 
     class LastStepReset:

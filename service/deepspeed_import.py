@@ -187,13 +187,21 @@ def _map_off_flag(key: str, value: Any, result: DeepSpeedImport) -> None:
         result.reject(key, value, "no Stalwart equivalent")
 
 
+def _reject_extra_keys(key: str, value: dict[str, Any], result: DeepSpeedImport) -> None:
+    for name, setting in value.items():
+        if name not in ("type", "params"):
+            result.reject(f"{key}.{name}", setting, "not read by DeepSpeed here: its settings go under params")
+
+
 def _map_optimizer(key: str, value: Any, result: DeepSpeedImport) -> None:
+    _reject_extra_keys(key, value, result)
     kind = str(value.get("type", "")).lower()
     params = dict(value.get("params", {}))
     if kind not in ("adam", "adamw"):
         result.reject(f"{key}.type", value.get("type"), "Stalwart trains with AdamW only")
         return
-    # DeepSpeed's Adam applies decoupled weight decay (AdamW) unless adam_w_mode is false.
+    # DeepSpeed's Adam applies decoupled weight decay (AdamW) unless params.adam_w_mode is false
+    # (true by default, microsoft/DeepSpeed pull request 844).
     adam_w_mode = params.pop("adam_w_mode", True)
     if kind == "adam" and not adam_w_mode and params.get("weight_decay"):
         result.reject(f"{key}.params.adam_w_mode", adam_w_mode,
@@ -211,6 +219,7 @@ def _map_optimizer(key: str, value: Any, result: DeepSpeedImport) -> None:
 
 
 def _map_scheduler(key: str, value: Any, result: DeepSpeedImport) -> None:
+    _reject_extra_keys(key, value, result)
     kind = value.get("type")
     params = dict(value.get("params", {}))
     if kind not in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):

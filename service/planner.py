@@ -3,10 +3,11 @@
 The estimate counts the bytes of what each strategy really keeps on a rank
 (workers/parallel.py), each in its dtype, sharded or not:
 
-- parameters: float32 master weights, the only copy (16 bytes of model state
-  per parameter in all, as in the ZeRO paper: 4 for the master weight, 4 for
-  the float32 gradient, 8 for the AdamW moments; ZeRO's 2-byte low-precision
-  weight and gradient appear here as the transient unsharded copies);
+- parameters: float32 master weights, the only copy. Model state is 16 bytes
+  per parameter in all, as in the ZeRO paper (Rajbhandari et al., 2020): 4 for
+  the master weight, 4 for the float32 gradient, 8 for the AdamW moments.
+  ZeRO's 2-byte low-precision weight and gradient appear here as the transient
+  unsharded copies;
 - gradients: float32, sharded like the parameters under FSDP, whole in DDP's
   buckets under ddp and zero1;
 - optimizer state: AdamW's two float32 moments per parameter;
@@ -36,10 +37,11 @@ if TYPE_CHECKING:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MASTER_BYTES = 4  # float32 parameters, gradients and moments
 INDEX_BYTES = 8  # int64 token ids
-# Fastest first. Per step, in units of the model size, DDP and zero2 move 2 (an all-reduce, or a
-# reduce-scatter plus an all-gather); zero1 here moves 3 (DDP's all-reduce plus an all-gather of
-# the updated rows); hsdp moves 3 inside a shard group but only 2 / shard size across groups;
-# zero3 moves 3 across all ranks. Recomputation adds about a third of the forward per block.
+# Fastest first, by the bytes each moves per step in units of the model size. DDP and zero2 move 2
+# (an all-reduce, or a reduce-scatter plus an all-gather). zero1 here moves 3, because DDP's
+# all-reduce is followed by an all-gather of the updated rows. hsdp moves 3 inside a shard group
+# but only 2 / shard size across groups, and zero3 moves 3 across all ranks. Recomputation adds
+# about one forward per recomputed block.
 SPEED_ORDER = ("ddp", "zero2", "zero1", "hsdp", "zero3")
 CHECKPOINTING_ORDER = ("none", "selective", "full")
 GIB = 2**30
@@ -192,15 +194,15 @@ def _unsharded_numel(shapes: list[ParamShape], inputs: PlanInputs, shard_size: i
 def block_activation_bytes(inputs: PlanInputs) -> int:
     """Return the bytes autograd saves in one block's forward for one micro-batch (no recomputation).
 
-    In compute-dtype elements per token: 4 x hidden for SwiGLU (w1 and w3 outputs,
-    SiLU output, their product), 5 x dim + 2 x kv_dim for attention (query before
-    and after RoPE, key before and after RoPE, value, the attention output and
-    its reshaped copy that wo reads). In float32 per token: 4 x dim for the two
-    RMSNorms (each keeps its input and its normalized output in float32, also
-    under bfloat16), one row of attention log-sum-exp per head and one inverse
-    RMS per norm. ``scaled_dot_product_attention`` uses a fused kernel, so no
-    seq x seq score matrix is kept: Korthikanti et al.'s 5 x heads x seq term
-    does not apply. tests/test_planner.py checks this count against the
+    Per token, in compute-dtype elements: 4 x hidden for SwiGLU (the w1 and w3
+    outputs, the SiLU output and their product) and 5 x dim + 2 x kv_dim for
+    attention (query and key before and after RoPE, value, the attention output
+    and the reshaped copy that wo reads). Per token, in float32: 4 x dim for the
+    two RMSNorms, which keep float32 copies also under bfloat16, one attention
+    log-sum-exp per head and one inverse RMS per norm.
+    ``scaled_dot_product_attention`` runs a fused kernel that keeps no
+    seq x seq score matrix, so the 5 x heads x seq term of Korthikanti et al.
+    (2022) does not apply. tests/test_planner.py checks this count against the
     tensors autograd really saves.
     """
     tp = inputs.tensor_parallel_size
@@ -208,8 +210,8 @@ def block_activation_bytes(inputs: PlanInputs) -> int:
     if tp == 1:
         compute = 4 * hidden + 5 * dim + 2 * kv_dim
         return tokens * (inputs.compute_bytes * compute + MASTER_BYTES * (4 * dim + inputs.n_heads + 2))
-    # Tensor and sequence parallelism: head- and hidden-split tensors shrink by tp; the norms work on
-    # tp-th of the sequence; the all-gathered inputs of wq/wk/wv and w1/w3 are whole on every rank.
+    # Tensor and sequence parallelism: tensors split by heads or hidden units shrink by tp, and the
+    # norms work on a tp-th of the sequence. The all-gathered inputs of wq/wk/wv and w1/w3 stay whole.
     compute = (4 * hidden + 3 * dim + 2 * kv_dim) / tp + 2 * dim
     return int(tokens * (inputs.compute_bytes * compute + MASTER_BYTES * (4 * dim / tp + inputs.n_heads / tp + 2 / tp)))
 
@@ -232,8 +234,8 @@ def loss_backward_bytes(inputs: PlanInputs) -> int:
 def activation_bytes(inputs: PlanInputs) -> int:
     """Return the activations saved for one micro-batch at the start of backward, recomputation included.
 
-    A recomputed block keeps only its input; the block whose backward runs
-    first (the last one) is recomputed before it, so its whole activations count too.
+    A recomputed block keeps only its input. The last block's backward runs
+    first and recomputes it whole, so that block's full activations count too.
     """
     per_block = block_activation_bytes(inputs)
     block_input = inputs.tokens * inputs.dim * inputs.compute_bytes // inputs.tensor_parallel_size
@@ -257,7 +259,7 @@ def _recomputed_blocks(inputs: PlanInputs) -> list[int]:
 
 @dataclass
 class MemoryEstimate:
-    """Per-rank memory of one strategy, in bytes. ``peak_bytes`` is device memory; offloaded state is in ``host_bytes``."""
+    """Per-rank memory of one strategy, in bytes: ``peak_bytes`` on the device, offloaded state in ``host_bytes``."""
 
     inputs: PlanInputs
     parameters_bytes: int
@@ -300,6 +302,7 @@ def _estimate_ddp(inputs: PlanInputs, *, sharded_optimizer: bool) -> MemoryEstim
     optimizer_shard = inputs.world_size if sharded_optimizer else 1
     moment_numel = _local_numel(all_shapes, inputs, optimizer_shard)
     optimizer_bytes = 2 * MASTER_BYTES * moment_numel
+
     # Autocast keeps a low-precision copy of every matrix it multiplies with until that matrix's
     # backward: the block projections and the output head, not the embedding or the norm weights.
     cast_numel = params - inputs.vocab_size * inputs.dim - (2 * inputs.n_layers + 1) * inputs.dim
@@ -336,10 +339,10 @@ def _estimate_fsdp(inputs: PlanInputs, *, keep_unsharded: bool) -> MemoryEstimat
     parameters_bytes = MASTER_BYTES * local_numel
     gradients_bytes = MASTER_BYTES * local_numel
     optimizer_bytes = 2 * MASTER_BYTES * local_numel
-    # At the start of the last block's backward: the root unit (re-gathered for the output head) with
-    # the head's unsharded gradient, the last block and the one FSDP prefetches, and the last block's
-    # unsharded gradients with the reduce-scatter input they are copied into.
-    # zero2 has kept every unit unsharded since its forward.
+    # In flight at the start of the last block's backward: the root unit, gathered again for the
+    # output head, with the head's unsharded gradient. Then the last block and the block FSDP
+    # prefetches, and the last block's unsharded gradients with the reduce-scatter input they are
+    # copied into. zero2 has kept every unit unsharded since its forward.
     if keep_unsharded:
         in_flight_params = compute * (inputs.n_layers * block_unsharded + root_unsharded)
     else:
@@ -359,8 +362,6 @@ def _estimate_fsdp(inputs: PlanInputs, *, keep_unsharded: bool) -> MemoryEstimat
     activations = activation_bytes(inputs)
     loss_backward = loss_backward_bytes(inputs)
     step_bytes = MASTER_BYTES * local_numel
-    # Sharded gradients of all but the last block exist only after their reduce-scatter; at the
-    # backward peak the sharded gradients already made are those of the root's output head.
     persistent = parameters_bytes + optimizer_bytes
     backward_peak = persistent + activations + gather_bytes + loss_backward
     step_peak = persistent + gradients_bytes + step_bytes
@@ -445,19 +446,22 @@ def table_lines(estimates: list[MemoryEstimate]) -> list[str]:
 
 
 def lesson_comparison_lines() -> list[str]:
-    """Explain how the planner's figure for the lesson's 7B example relates to the lesson's 105.5 GB."""
-    estimate = estimate_memory(LESSON_7B)
+    """Explain how the planner's figures for the lesson's 7B example relate to the lesson's 105.5 GB."""
     params = parameter_count(LESSON_7B)
-    state_gb = 16 * params / 1e9
+    none = estimate_memory(LESSON_7B)
+    full = estimate_memory(replace(LESSON_7B, activation_checkpointing="full"))
+    implied = LESSON_7B_GB * 1e9 / 16
     return [
-        f"lesson 7B example, one rank, no recomputation: {parameter_count(LESSON_7B) / 1e9:.2f}e9 parameters "
-        f"(32 blocks of width 4096, SwiGLU width 11008, 32000-token vocabulary, untied head)",
-        f"  model state at 16 bytes per parameter: {state_gb:.1f} GB ({16 * params / GIB:.1f} GiB)",
-        f"  activations for 4 x 2048 tokens: {estimate.activations_bytes / 1e9:.1f} GB; in flight (autocast "
-        f"copies): {estimate.gather_bytes / 1e9:.1f} GB",
-        f"  planner peak: {estimate.peak_bytes / 1e9:.1f} GB against the lesson's {LESSON_7B_GB} GB",
-        "  the planner counts this model's exact parameters and the activations of its SwiGLU blocks and",
-        "  fused attention; see docs/parallelism.md for where the two figures part.",
+        f"lesson 7B example on one rank: {params / 1e9:.2f}e9 parameters (32 blocks of width 4096, SwiGLU width "
+        "11008, 32000-token vocabulary, untied head)",
+        f"  model state, 16 bytes per parameter: {16 * params / 1e9:.1f} GB ({16 * params / GIB:.1f} GiB); "
+        f"the lesson's {LESSON_7B_GB} GB equals 16 bytes x {implied / 1e9:.2f}e9 parameters, so it likely counts model state only",
+        f"  activations of 4 x 2048 tokens: {none.activations_bytes / 1e9:.1f} GB, or "
+        f"{full.activations_bytes / 1e9:.1f} GB with full recomputation",
+        f"  bfloat16 copies autocast keeps for backward: {none.gather_bytes / 1e9:.1f} GB; AdamW's step "
+        f"temporary sqrt(exp_avg_sq): {none.optimizer_step_bytes / 1e9:.1f} GB",
+        f"  planner peak: {none.peak_bytes / 1e9:.1f} GB ({none.peak_phase}), {full.peak_bytes / 1e9:.1f} GB with "
+        f"full recomputation ({full.peak_phase}); docs/parallelism.md explains each difference",
     ]
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from dist_helpers import run_distributed
 from service.catalog import checkpoint_uri
@@ -147,13 +148,24 @@ def layout_facts(training: Training) -> dict[str, Any]:
     weight = model.layers[0].attention.wq.weight
     facts: dict[str, Any] = {"weight_type": type(weight).__name__}
     if isinstance(weight, DTensor):
-        facts["weight_placements"] = [str(placement) for placement in weight.placements]
+        facts["weight_placements"] = [repr(placement) for placement in weight.placements]
         facts["weight_local_shape"] = list(weight.to_local().shape)
     embedding_state = training.optimizer.state[model.tok_embeddings.weight]
     moment = embedding_state["exp_avg"]
     facts["embedding_moment_local_rows"] = (moment.to_local() if isinstance(moment, DTensor) else moment).shape[0]
-    facts["embedding_moment_placements"] = [str(p) for p in moment.placements] if isinstance(moment, DTensor) else None
+    facts["embedding_moment_placements"] = [repr(p) for p in moment.placements] if isinstance(moment, DTensor) else None
     return facts
+
+
+def full_state_copy(training: Training, options: StateDictOptions) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Return copies of the full model and optimizer state (a collective; the optimizer part is None off rank 0).
+
+    Copies, because for whole parameters (ddp, zero1) the state dict contains the live tensors.
+    """
+    model_state = tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value,
+                           get_model_state_dict(training.model, options=options))
+    optimizer_state = get_optimizer_state_dict(training.model, training.optimizer, options=options).get("state")
+    return model_state, tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, optimizer_state)
 
 
 def interchange_rank(world_rank: int, world_size: int, pairs: list[tuple[str, str]], run_root: str, output_dir: str) -> None:
@@ -165,8 +177,7 @@ def interchange_rank(world_rank: int, world_size: int, pairs: list[tuple[str, st
         original = Training(STRATEGY_SETTINGS[saved_under], world_size)
         for step in (1, 2):
             original.step(step)
-        saved_model = get_model_state_dict(original.model, options=options)
-        saved_optimizer = get_optimizer_state_dict(original.model, original.optimizer, options=options)["state"]
+        saved_model, saved_optimizer = full_state_copy(original, options)
         save_checkpoint(checkpoint_uri(run_uri, 2), model=original.model, optimizer=original.optimizer,
                         train_state=TrainState(step=2), run_uri=run_uri, config=original.config.model_dump(mode="json"),
                         world_rank=world_rank, world_size=world_size, storage_options={}, keep_last="all")
@@ -175,8 +186,7 @@ def interchange_rank(world_rank: int, world_size: int, pairs: list[tuple[str, st
         resumed = Training(STRATEGY_SETTINGS[resumed_under], world_size)
         state = load_checkpoint(checkpoint_uri(run_uri, 2), model=resumed.model, optimizer=resumed.optimizer,
                                 world_rank=world_rank, world_size=world_size, seed=SEED, storage_options={})
-        loaded_model = get_model_state_dict(resumed.model, options=options)
-        loaded_optimizer = get_optimizer_state_dict(resumed.model, resumed.optimizer, options=options)["state"]
+        loaded_model, loaded_optimizer = full_state_copy(resumed, options)
         after_resume = [resumed.step(step) for step in (3, 4)]
         if world_rank == 0:
             model_equal = {name: torch.equal(loaded_model[name], tensor) for name, tensor in saved_model.items()}
@@ -264,7 +274,7 @@ def test_loss_and_norm_same_on_every_rank(two_rank_results, four_rank_results, c
 
 
 def test_float16_differs_from_float32(two_rank_results):
-    # Control: the low-precision tolerance still tells float16 compute from float32.
+    # Control: float16 compute must change the numbers, or the low-precision comparisons would prove nothing.
     float16 = two_rank_results["zero2-float16"]["history"][0]
     float32 = two_rank_results["zero2"]["history"][0]
     assert float16 != float32
@@ -335,8 +345,12 @@ def _gradients_and_block_calls(mode: str) -> tuple[dict[str, torch.Tensor], list
     apply_activation_checkpointing(model, mode, 2)
     calls = [0] * len(model.layers)
     for index, block in enumerate(model.layers):
-        # On a submodule: recomputation calls the block's forward function, not the block's hooks.
-        block.feed_forward.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        # Count calls of the MLP's forward itself: recomputation runs without module hooks.
+        def counted(x: torch.Tensor, index: int = index, forward=block.feed_forward.forward) -> torch.Tensor:
+            calls[index] += 1
+            return forward(x)
+
+        block.feed_forward.forward = counted
     compute_gradients(model, rank_batches(1, 0, 1), device=CPU)
     return {name: param.grad.clone() for name, param in model.named_parameters()}, calls
 

@@ -1,9 +1,9 @@
 """Memory planner: byte counts derived by hand per strategy, the activation count against autograd, measured peaks.
 
 The hand derivations below use a model whose every dim-0 size is even, so a
-2-way shard is exactly half; the uneven case is checked on its own. The
-measured check runs bench/memory_check.py's cases on gloo ranks and asks the
-planner to be within 15% of the peak the PyTorch profiler measured.
+2-way shard is exactly half. The uneven case has a test of its own. The
+measured check runs bench/memory_check.py's cases on gloo ranks and requires
+the planner to be within 15% of the peak the PyTorch profiler measured.
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def test_cpu_offload_moves_state_to_host():
     resident = estimate_memory(replace(SMALL, strategy="zero3"))
     state = FLOAT32 * PARAMS // 2 * 4  # parameters, gradients, two moments
     assert offloaded.host_bytes == state + resident.optimizer_step_bytes
-    assert offloaded.peak_bytes < resident.peak_bytes - FLOAT32 * PARAMS // 2 * 3
+    # The device keeps what is in flight plus the largest unit's shard, copied over before its all-gather.
+    device_state = FLOAT32 * PARAMS // 2 * 3  # parameters and moments, resident at the backward peak
+    assert offloaded.peak_bytes == resident.backward_peak_bytes - device_state + FLOAT32 * BLOCK_PARAMS // 2
     assert offloaded.unified_peak_bytes == resident.unified_peak_bytes
 
 

@@ -109,7 +109,7 @@ def data_parallel_coordinates(mesh: DeviceMesh) -> tuple[int, int]:
     """Return (dp_rank, dp_size): which data shard this rank trains on, and how many shards there are."""
     if mesh.mesh_dim_names == ("dp", "tp"):
         return mesh.get_local_rank("dp"), mesh.size(0)
-    # HSDP and 1-D meshes: every rank sees different data, ordered by global rank.
+    # HSDP and 1-D meshes: every rank trains on its own data shard, ordered by global rank.
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -165,7 +165,7 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: str, reduce
     return units
 
 
-def _sum_all_reduce_hook(group, bucket):  # noqa: ANN001, ANN202
+def _sum_all_reduce_hook(group, bucket):
     # DDP's default hook divides by the world size; Stalwart's gradients are sums.
     # No annotations: DDP compares them with dist.GradBucket, and postponed annotations are strings.
     work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
@@ -181,7 +181,8 @@ class SumDataParallel(DistributedDataParallel):
     """
 
     def __init__(self, module: nn.Module, *, process_group: dist.ProcessGroup, autocast_dtype: torch.dtype | None):
-        super().__init__(module, process_group=process_group, gradient_as_bucket_view=True, broadcast_buffers=False)
+        # Buffers (the RoPE tables) are a function of the config, identical on every rank: no sync per forward.
+        super().__init__(module, process_group=process_group, gradient_as_bucket_view=True, forward_sync_buffers=False)
         self.register_comm_hook(process_group, _sum_all_reduce_hook)
         self.autocast_dtype = autocast_dtype
         self.autocast_device_type = next(module.parameters()).device.type
@@ -228,7 +229,11 @@ class ShardedAdamW(torch.optim.Optimizer):
                  eps: float, weight_decay: float):
         if mesh.ndim != 1:
             raise ValueError(f"ShardedAdamW needs a 1-D data-parallel mesh, got {mesh.ndim} dimensions")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        # The same param-group keys as torch.optim.AdamW (amsgrad, foreach, ...): DCP loads a checkpoint
+        # only when it has every key of the optimizer it loads into, in both directions.
+        defaults = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, betas=betas, eps=eps,
+                                     weight_decay=weight_decay, foreach=True).defaults
+        super().__init__(params, defaults)
         self.mesh = mesh
         self.process_group = mesh.get_group()
         self.rank = mesh.get_local_rank()
