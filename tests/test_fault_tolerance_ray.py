@@ -146,7 +146,15 @@ def test_killed_driver_resumes_from_storage(tmp_path):
     finally:
         # SIGKILL to the driver and its embedded cluster: nothing gets to save.
         kill_session(process)
+    # Workers of the dead driver can outlive it for a moment and still commit a save in
+    # flight, so wait until the newest committed step stops changing.
     latest = latest_committed(filesystem(run_uri), run_uri)
+    stable_since, deadline = time.monotonic(), time.monotonic() + 60
+    while time.monotonic() - stable_since < 10 and time.monotonic() < deadline:
+        time.sleep(1)
+        current = latest_committed(filesystem(run_uri), run_uri)
+        if current != latest:
+            latest, stable_since = current, time.monotonic()
     assert latest is not None and latest.step >= 20
     config.write_text(config.read_text(encoding="utf-8").replace("steps: 400", f"steps: {latest.step + 5}"), encoding="utf-8")
     assert run_train(config, log) == 0, tail(log)
