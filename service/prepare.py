@@ -52,7 +52,12 @@ def resolve_inputs(data: DataSection, storage_options: dict[str, Any]) -> list[I
     for pattern in patterns:
         fs = filesystem(pattern, storage_options)
         protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        matches = fs.glob(pattern) if any(ch in pattern for ch in "*?[") else ([pattern] if fs.exists(pattern) else [])
+        if any(character in pattern for character in "*?["):
+            matches = fs.glob(pattern)
+        elif fs.exists(pattern):
+            matches = [pattern]
+        else:
+            matches = []
         if not matches:
             raise ConfigError(f"data.paths entry {pattern!r} matches no file; check the path or the glob pattern")
         for match in matches:

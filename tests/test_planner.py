@@ -162,7 +162,8 @@ def test_recommendation_is_fastest_that_fits():
     inputs = replace(SMALL, world_size=4)
     candidates = [estimate_memory(option) for option in candidate_settings(inputs)]
     ddp = candidates[0]
-    assert ddp.inputs.strategy == "ddp" and ddp.inputs.activation_checkpointing == "none"
+    assert ddp.inputs.strategy == "ddp"
+    assert ddp.inputs.activation_checkpointing == "none"
     choice = recommend(inputs, ddp.peak_bytes - 1).estimate
     assert choice is not None
     expected = next(candidate for candidate in candidates if candidate.peak_bytes <= ddp.peak_bytes - 1)

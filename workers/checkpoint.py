@@ -4,7 +4,7 @@ A save has two halves. ``stage_state`` copies model and optimizer shards to new
 CPU tensors on the training thread. ``write_and_commit`` then writes them from
 any thread, as a collective over a process group of its own:
 
-1. rank 0 picks a new save folder ``step-N/save-<id>/`` and tells the others;
+1. rank 0 picks a new save folder ``step-N/save-<id>/`` and broadcasts it to the others;
 2. every rank writes its RNG file and its DCP shard, hashing the bytes;
 3. the ranks gather their file lists on rank 0;
 4. rank 0 writes ``train_state.json`` and then the commit record ``COMMITTED``,
@@ -215,7 +215,7 @@ def stage_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 class Stager:
     """Stages like ``stage_state`` into CPU buffers that are allocated once and reused by later saves.
 
-    Reuse is safe only while no earlier staged copy is still being written, which holds because at
+    Reuse is safe only while no earlier staged copy is still being written, which is true because at
     most one save is in flight and a new one is staged only after the previous one ended. Pinned
     memory is used when CUDA is available, which speeds up the copy from the GPU.
     """
@@ -386,7 +386,7 @@ def save_checkpoint(
 
 
 class CheckpointLoadError(RuntimeError):
-    """Loading failed for a reason other than the checkpoint's content, such as storage that does not answer."""
+    """Loading failed for a reason other than the checkpoint's content, such as storage that does not respond."""
 
 
 def _classify(error: BaseException, reader: VerifiedReader | None, storage_options: dict[str, Any]) -> tuple[str, str]:
@@ -410,7 +410,7 @@ def _is_integrity_failure(error: BaseException) -> bool:
 def _agree(local: tuple[str, str] | None, group: dist.ProcessGroup | None, checkpoint_id: str) -> None:
     """Gather every rank's (kind, message) and raise the same error on every rank when any rank failed.
 
-    A storage error wins over an integrity error: the checkpoint may be fine once storage answers.
+    A storage error wins over an integrity error: the checkpoint may be fine once storage responds.
     """
     reports = all_gather_json(local, group)
     by_message: dict[tuple[str, str], list[int]] = {}
@@ -443,7 +443,7 @@ def load_checkpoint(
     Every file is checked against the commit record before it is used. When any rank finds a
     missing, short or corrupted file, every rank raises ``CheckpointIntegrityError`` with the
     reasons; the model may then hold a mix of states, so load another checkpoint before training.
-    Any other failure (storage that does not answer) raises ``CheckpointLoadError`` on every rank.
+    Any other failure (storage that does not respond) raises ``CheckpointLoadError`` on every rank.
 
     RNG: a rank at the saved world size gets its own saved stream back; at a
     new world size every rank gets a distinct stream derived from the seed.

@@ -300,7 +300,7 @@ class Trainer:
         self.monitor.load_state_dict(self.train_state.stability)
         if self.loss_scaler is not None and self.train_state.loss_scaler:
             self.loss_scaler.load_state_dict(self.train_state.loss_scaler)
-        # The run-level record also holds skips decided after this checkpoint was saved.
+        # The run-level record also contains skips decided after this checkpoint was saved.
         self.data_skips = DataSkips([tuple(item) for item in self.train_state.data_skips] + self.read_run_skips())
         load_s = time.monotonic() - load_started
         self.log(logging.INFO, "loaded %s (step %d) in %.2f s", checkpoint_id, self.train_state.step, load_s)

@@ -1,7 +1,7 @@
 """Hang watchdog: kills this rank when no step completes within the hang timeout.
 
 A rank stuck in a collective cannot be interrupted from Python, so the
-watchdog ends the process. Ray Train sees the dead worker and restarts the
+watchdog ends the process. Ray Train detects the dead worker and restarts the
 attempt from the latest committed checkpoint.
 """
 
