@@ -146,7 +146,7 @@ def run(config: Config, warmup_steps: int, world_rank: int, world_size: int, dev
     model = build_model(model_args(config), seed=config.run.seed)
     model.to(device)
     fsdp_units = apply_fsdp(model, mesh, param_dtype=config.parallel.param_dtype, reduce_dtype=config.parallel.reduce_dtype)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, device_type=device.type)
     seed_rank_rng(config.run.seed, 0, world_rank, world_size)
 
     dataset = TokenDataset(dataset_uri, config.model.seq_len, config.storage.options)

@@ -39,7 +39,7 @@ from service.config import Config, config_from_dict  # noqa: E402
 from workers.data import MicroBatch  # noqa: E402
 from workers.flops import current_device_peak, mfu, training_flops_per_token  # noqa: E402
 from workers.model import build_model, count_parameters  # noqa: E402
-from workers.parallel import apply_fsdp  # noqa: E402
+from workers.parallel import apply_fsdp, compile_each_block  # noqa: E402
 from workers.step import train_step  # noqa: E402
 from workers.train_loop import build_optimizer, model_args  # noqa: E402
 
@@ -155,14 +155,12 @@ def build_training(args: argparse.Namespace, config: Config, device: torch.devic
     num_parameters = count_parameters(model)
     model.to(device)
     if args.compile:
-        # NOTE: one compiled region per block, applied before sharding. This path has run only on
-        # CPU with the tiny model so far, not on a GPU.
-        for block in model.layers:
-            block.compile()
+        # NOTE: this path has run only on CPU with the tiny model so far, not on a GPU.
+        compile_each_block(model)
     mesh = init_device_mesh(device.type, (1,))
     fsdp_units = apply_fsdp(model, mesh, param_dtype=config.parallel.param_dtype,
                             reduce_dtype=config.parallel.reduce_dtype)
-    return Training(model, build_optimizer(model, config), fsdp_units, num_parameters)
+    return Training(model, build_optimizer(model, config, device_type=device.type), fsdp_units, num_parameters)
 
 
 def train_and_time(args: argparse.Namespace, config: Config, training: Training,

@@ -93,6 +93,11 @@ class TrainSection(Section):
     micro_batch: PositiveInt = Field(4, description="Sequences per rank per forward/backward pass.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None disables clipping.")
     log_every: PositiveInt = Field(10, description="Steps between progress lines, metric updates and Ray Train reports.")
+    prefetch: bool = Field(True, description="Read the next step's micro-batches in a background thread while this step computes.")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block. The first steps pay the compile time; see "
+        "docs/benchmarks.md for when it pays off.",
+    )
 
 
 class OptimSection(Section):
@@ -100,6 +105,10 @@ class OptimSection(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
+    implementation: Literal["auto", "foreach", "fused"] = Field(
+        "auto", description="AdamW kernels: fused (one kernel for all parameters), foreach (a few kernels per step), "
+        "or auto: fused on GPUs, foreach on CPUs (see docs/benchmarks.md). zero1 always uses foreach.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -336,7 +345,9 @@ class FaultToleranceSection(Section):
     straggler_intervals: PositiveInt = Field(3, description="Consecutive logging intervals a rank must be slow before it is flagged.")
     stop_grace_s: float = Field(
         120.0, gt=0,
-        description="After SIGTERM the driver asks the workers to save and stop; past this many seconds it exits anyway.",
+        description="Seconds from SIGTERM to a forced exit. SIGTERM to the driver: it asks the workers to save and "
+        "stop, and exits anyway after this long. SIGTERM to a worker: every rank saves after its next step and the "
+        "attempt restarts. A worker still running this long after its SIGTERM exits.",
     )
 
     @property
@@ -369,6 +380,17 @@ class SlowFault(Section):
     seconds: float = Field(0.5, gt=0)
 
 
+class RemoveNodeFault(Section):
+    """Remove the Ray node that hosts rank ``rank`` at ``step`` by killing its raylet with SIGKILL.
+
+    The head node runs the GCS and cannot be removed, so there only the rank is killed.
+    """
+
+    kind: Literal["remove_node"] = "remove_node"
+    rank: NonNegativeInt
+    step: PositiveInt
+
+
 class SpikeFault(Section):
     """Multiply the loss (and so the gradients) of every rank by ``factor`` at ``step``."""
 
@@ -392,7 +414,8 @@ class Config(Section):
     wandb: WandbSection = Field(default_factory=WandbSection)
     stability: StabilitySection = Field(default_factory=StabilitySection)
     fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
-    faults: list[Annotated[KillFault | HangFault | SlowFault | SpikeFault, Field(discriminator="kind")]] = Field(
+    faults: list[Annotated[KillFault | HangFault | SlowFault | RemoveNodeFault | SpikeFault,
+                           Field(discriminator="kind")]] = Field(
         default_factory=list, description="Faults to inject, each fired once per run."
     )
 
@@ -428,7 +451,7 @@ class Config(Section):
                 "lower schedule.warmup_steps"
             )
         for fault in self.faults:
-            if isinstance(fault, (KillFault, HangFault, SlowFault)) and fault.rank >= world_size:
+            if isinstance(fault, (KillFault, HangFault, SlowFault, RemoveNodeFault)) and fault.rank >= world_size:
                 raise ValueError(
                     f"faults: rank={fault.rank} does not exist with scaling.num_workers={world_size}; "
                     f"use a rank below {world_size}"
@@ -499,7 +522,7 @@ def _fix_hint(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return "use one of the values listed"
     if kind in {"union_tag_not_found", "union_tag_invalid"}:
-        return "give each fault a kind: kill, hang or slow (with rank and step), or spike (with step and factor)"
+        return "give each fault a kind: kill, hang, slow or remove_node (with rank and step), or spike (with step and factor)"
     if kind == "string_pattern_mismatch":
         return "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
     return "see the message for the allowed values"

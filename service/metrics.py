@@ -50,7 +50,7 @@ MFU_RATIO = f"{METRIC_PREFIX}_mfu_ratio"  # gauge, absent while no peak FLOP/s i
 START_TIME_SECONDS = f"{METRIC_PREFIX}_start_time_seconds"  # gauge: Unix time
 LAST_CHECKPOINT_TIMESTAMP_SECONDS = f"{METRIC_PREFIX}_last_checkpoint_timestamp_seconds"  # gauge: Unix time
 WALL_SECONDS = f"{METRIC_PREFIX}_wall_seconds"  # gauge, label part
-RESTART_CAUSES = ("failure", "hang")
+RESTART_CAUSES = ("failure", "hang", "preempted")
 # Every value workers.stability.StabilityEvent takes, so each series exists (at 0) before its first event.
 STABILITY_DETECTORS = ("nonfinite", "loss_zscore", "grad_norm_ratio", "loss_ratio", "overflow")
 STABILITY_ACTIONS = ("log", "skip", "rollback")
@@ -74,7 +74,8 @@ class RunMetrics:
         self.tokens = Counter(TOKENS, "Tokens trained on, counted once per completed step.", labels, registry=self.registry)
         self.skipped_steps = Counter(SKIPPED_STEPS, "Optimizer steps not applied: skipped for a spike or non-finite value, rolled back, or float16 overflow.", labels, registry=self.registry)
         self.restarts = Counter(
-            RESTARTS, "Worker-group restarts by cause: hang (the watchdog fired) or failure (any other).",
+            RESTARTS, "Worker-group restarts by cause: hang (the watchdog fired), preempted (SIGTERM to a worker) "
+            "or failure (any other).",
             ["run", "cause"], registry=self.registry,
         )
         self.hangs = Counter(HANGS, "Hangs detected by the watchdog.", labels, registry=self.registry)
@@ -148,6 +149,7 @@ class RunMetrics:
             labels, registry=self.registry,
         )
         self._hang_since_last_attempt = False
+        self._preempted_since_last_attempt = False
         self._stop_requested = False
         self._attempts_seen: set[int] = set()
         self.mfu_values: list[float] = []
@@ -156,13 +158,20 @@ class RunMetrics:
     def record_attempt(self, attempt: int, world_size: int) -> None:
         """Count a restart for every new attempt after the first one this driver saw."""
         if self._attempts_seen and attempt not in self._attempts_seen:
-            cause = "hang" if self._hang_since_last_attempt else "failure"
-            self.restarts.labels(self.run_name, cause).inc()
+            self.restarts.labels(self.run_name, self._restart_cause()).inc()
             self.restart_count += 1
         self._hang_since_last_attempt = False
+        self._preempted_since_last_attempt = False
         self._attempts_seen.add(attempt)
         self.world_size.labels(self.run_name).set(world_size)
         self.current_world_size = world_size
+
+    def _restart_cause(self) -> str:
+        if self._hang_since_last_attempt:
+            return "hang"
+        if self._preempted_since_last_attempt:
+            return "preempted"
+        return "failure"
 
     def record_progress(self, update: dict[str, Any]) -> None:
         run = self.run_name
@@ -194,6 +203,10 @@ class RunMetrics:
     def record_hang(self) -> None:
         self.hangs.labels(self.run_name).inc()
         self._hang_since_last_attempt = True
+
+    def record_preemption(self) -> None:
+        """Mark the next restart as caused by SIGTERM to a worker (after its checkpoint committed)."""
+        self._preempted_since_last_attempt = True
 
     def record_rank_times(self, busy_seconds: list[float], stragglers: list[int]) -> None:
         for rank, seconds in enumerate(busy_seconds):
@@ -262,6 +275,9 @@ class MetricsActor:
 
     def record_hang(self) -> None:
         self.metrics.record_hang()
+
+    def record_preemption(self) -> None:
+        self.metrics.record_preemption()
 
     def record_rank_times(self, busy_seconds: list[float], stragglers: list[int]) -> None:
         self.metrics.record_rank_times(busy_seconds, stragglers)

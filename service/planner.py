@@ -312,6 +312,8 @@ def _estimate_ddp(inputs: PlanInputs, *, sharded_optimizer: bool) -> MemoryEstim
     activations = activation_bytes(inputs)
     loss_backward = loss_backward_bytes(inputs)
     # AdamW's step allocates sqrt(second moment) once; ShardedAdamW then gathers one parameter at a time.
+    # NOTE: that is the foreach kernels' temporary. The fused kernels (optim.implementation=auto on a
+    # GPU) allocate none, so there the step peak is overstated by up to this much.
     step_bytes = MASTER_BYTES * moment_numel
     if sharded_optimizer:
         largest = max(shape.numel() for shape in all_shapes)

@@ -163,7 +163,27 @@ def test_fault_unknown_kind_rejected():
 
     assert "faults[0]" in message
     assert "'explode'" in message
-    assert "kill, hang or slow" in message
+    assert "kill, hang, slow or remove_node" in message
+
+
+def test_remove_node_fault_parsed():
+    config = load_config(None, ["faults=[{kind: remove_node, rank: 1, step: 12}]"])
+
+    assert [(fault.kind, fault.rank, fault.step) for fault in config.faults] == [("remove_node", 1, 12)]
+
+
+def test_remove_node_fault_on_missing_rank_rejected():
+    message = config_error({"scaling": {"num_workers": [1, 2]}, "faults": [{"kind": "remove_node", "rank": 2, "step": 3}]})
+
+    assert "rank=2" in message
+    assert "rank below 2" in message
+
+
+def test_remove_node_fault_without_step_rejected():
+    message = config_error({"faults": [{"kind": "remove_node", "rank": 1}]})
+
+    assert "faults[0].remove_node.step" in message
+    assert "Field required" in message
 
 
 @pytest.mark.parametrize("override", ["optim.lr", "=3", "optim..lr=1", "1optim.lr=1", "optim.lr 3"])

@@ -12,7 +12,7 @@ import torch
 import service.prepare
 from service.config import DataSection
 from service.prepare import prepare_dataset
-from workers.data import IGNORE_INDEX, MicroBatch, SampleOrder, TokenDataset, rank_micro_batches
+from workers.data import IGNORE_INDEX, BatchPrefetcher, MicroBatch, SampleOrder, TokenDataset, rank_micro_batches
 from workers.tokenizer import BYTE_EOS_ID
 
 NUM_SAMPLES = 10
@@ -220,3 +220,66 @@ def test_ignore_index_not_counted():
     batch = MicroBatch(inputs=torch.zeros_like(targets), targets=targets, sample_indices=(0, 1))
 
     assert batch.num_target_tokens == 3
+
+
+def assert_same_batches(actual: list[MicroBatch], expected: list[MicroBatch]) -> None:
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.sample_indices == want.sample_indices
+        assert torch.equal(got.inputs, want.inputs)
+        assert torch.equal(got.targets, want.targets)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["prefetch", "direct"])
+def test_prefetcher_returns_the_batches_a_direct_read_gives(tmp_path: Path, enabled: bool):
+    dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
+    prefetcher = BatchPrefetcher(dataset, enabled=enabled)
+    steps = [[[0, 1], [2]], [[3], [4, 5]], [[5, 0]]]
+    try:
+        for index, chunks in enumerate(steps):
+            batches = prefetcher.load(chunks)
+            if index + 1 < len(steps):
+                prefetcher.prefetch(steps[index + 1])
+            assert_same_batches(batches, [dataset.micro_batch(chunk) for chunk in chunks])
+    finally:
+        prefetcher.close()
+
+
+def test_prefetch_of_other_samples_is_dropped(tmp_path: Path):
+    # A rollback changes which samples the next step takes after the prefetch started.
+    dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
+    prefetcher = BatchPrefetcher(dataset)
+    try:
+        prefetcher.prefetch([[1, 2]])
+        batches = prefetcher.load([[3, 4]])
+        assert_same_batches(batches, [dataset.micro_batch([3, 4])])
+        # The dropped prefetch is not served later either.
+        prefetcher.prefetch([[0]])
+        assert_same_batches(prefetcher.load([[0]]), [dataset.micro_batch([0])])
+    finally:
+        prefetcher.close()
+
+
+def test_prefetch_failure_raises_in_load(tmp_path: Path):
+    dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
+    prefetcher = BatchPrefetcher(dataset)
+    try:
+        prefetcher.prefetch([[dataset.num_samples]])
+        with pytest.raises(IndexError, match="out of range"):
+            prefetcher.load([[dataset.num_samples]])
+    finally:
+        prefetcher.close()
+
+
+def test_samples_from_object_storage_match_local(tmp_path: Path, s3_server, s3_bucket: str):
+    paths = write_corpus(tmp_path / "corpus")
+    data = DataSection(paths=[str(path) for path in paths])
+    local = TokenDataset(prepare_dataset(data, str(tmp_path / "storage"), {}), SEQ_LEN)
+    options = s3_server.storage_options()
+    remote = TokenDataset(prepare_dataset(data, f"s3://{s3_bucket}/storage", options), SEQ_LEN, options)
+    indices = list(range(local.num_samples))[::-1]
+
+    assert remote.num_samples == local.num_samples
+    assert_same_batches([remote.micro_batch(indices)], [local.micro_batch(indices)])
+    with pytest.raises(IndexError, match="out of range"):
+        remote.micro_batch([0, remote.num_samples])

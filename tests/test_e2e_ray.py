@@ -115,7 +115,7 @@ def test_clean_run_exports_metrics(clean_run):
     assert "stalwart_checkpoint_save_seconds" in families
     restarts = {sample.labels["cause"]: sample.value for sample in families["stalwart_restarts"].samples
                 if sample.name == "stalwart_restarts_total"}
-    assert restarts == {"failure": 0, "hang": 0}
+    assert restarts == {"failure": 0, "hang": 0, "preempted": 0}
     goodput = families["stalwart_goodput_ratio"].samples[0].value
     assert 0 < goodput < 1
 

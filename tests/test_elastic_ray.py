@@ -2,7 +2,8 @@
 
 A node is removed mid-run: the run goes on at the smaller world size with the
 same global batch. The node comes back: the group grows again. Per-step losses
-stay close to an uninterrupted run at the original size.
+stay close to an uninterrupted run at the original size. The remove_node fault
+kills the raylet of a rank's node, and the run finishes at the smaller size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray.cluster_utils import Cluster
 
 from service.config import config_from_dict
 from service.driver import RunSummary, run_training
+from service.storage import filesystem, read_json
 from workers.reporting import final_losses, read_history
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
@@ -143,3 +145,63 @@ def test_elastic_run_consumes_same_samples(runs):
     final_elastic = {record["step"]: record for record in read_history(f"{storage}/elastic")}
     for step in range(1, STEPS + 1):
         assert final_elastic[step]["samples"] == final_reference[step]["samples"], f"step {step} trained on other samples"
+
+
+REMOVE_NODE_STEPS = 30
+REMOVE_NODE_AT_STEP = 12  # after the checkpoint at step 10
+
+
+def _alive_worker_node_ids() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0}
+
+
+def _train_bounded(tree: dict, limit_s: float) -> RunSummary:
+    results: list[RunSummary] = []
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            results.append(run_training(config_from_dict(tree)))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    thread.join(timeout=limit_s)
+    assert not thread.is_alive(), f"the run did not finish within {limit_s} s"
+    assert not errors, f"the run failed: {errors[0]!r}"
+    return results[0]
+
+
+def test_remove_node_fault_shrinks_run(cluster, tmp_path):
+    fake, nodes = cluster
+    # Earlier tests of this module may have removed nodes: start from two live CPU nodes.
+    for _ in range(2):
+        if len(_alive_worker_node_ids()) >= 2:
+            break
+        nodes.append(fake.add_node(num_cpus=1))
+        fake.wait_for_nodes()
+    alive_before = _alive_worker_node_ids()
+    assert len(alive_before) == 2
+
+    storage = str(tmp_path)
+    faults = [{"kind": "remove_node", "rank": 1, "step": REMOVE_NODE_AT_STEP}]
+    tree = elastic_config(storage, "remove-node", [1, 2], faults)
+    tree["train"]["steps"] = REMOVE_NODE_STEPS
+    summary = _train_bounded(tree, 600)
+
+    assert summary.steps == REMOVE_NODE_STEPS
+    run_uri = f"{storage}/remove-node"
+    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-0001-rank-00001.json")
+    assert alive_before - _alive_worker_node_ids() == {rank1["node_id"]}, "the node of rank 1 is still alive"
+    assert filesystem(run_uri).exists(f"{run_uri}/faults/remove_node-rank1-step{REMOVE_NODE_AT_STEP}.json")
+    records = read_history(run_uri)
+    assert sorted(final_losses(records)) == list(range(1, REMOVE_NODE_STEPS + 1))
+    first_attempt = [record for record in records if record["attempt"] == 1]
+    assert {record["world_size"] for record in first_attempt} == {2}
+    # The history is written per logging interval, so the last steps before the removal may be missing.
+    assert first_attempt[-1]["step"] < REMOVE_NODE_AT_STEP, "a step ran on the removed node at or after the fault's step"
+    last_attempt = [record for record in records if record["attempt"] == max(r["attempt"] for r in records)]
+    assert {record["world_size"] for record in last_attempt} == {1}
+    assert last_attempt[0]["step"] == 11, "the run did not resume from the checkpoint at step 10"
+    assert last_attempt[-1]["step"] == REMOVE_NODE_STEPS

@@ -1,5 +1,5 @@
 """Fault tolerance on real Ray, driven through the `stalwart` command as a user runs it:
-a hung rank, SIGTERM to the driver, a killed driver, and a straggler."""
+a hung rank, SIGTERM to the driver or to one worker, a killed driver, and a straggler."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.catalog import latest_committed
+from service.catalog import checkpoint_uri, latest_committed, read_commit_record
 from service.storage import filesystem
 from workers.reporting import final_losses, read_history
 
@@ -91,6 +91,18 @@ def wait_for_step(run_uri: str, step: int, process: subprocess.Popen, limit_s: f
 
 def tail(log: Path) -> str:
     return log.read_text(encoding="utf-8", errors="replace")[-4000:]
+
+
+def read_rank_process(run_uri: str, attempt: int, rank: int, process: subprocess.Popen, limit_s: float = 120) -> dict:
+    """Wait for the process record that a rank writes when its attempt starts, and return it."""
+    path = Path(run_uri) / "ranks" / f"attempt-{attempt:04d}-rank-{rank:05d}.json"
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the driver exited early with status {process.returncode}"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+        time.sleep(0.5)
+    raise AssertionError(f"{path} did not appear within {limit_s} s")
 
 
 def test_hung_rank_restarted_by_watchdog(tmp_path):
@@ -174,3 +186,74 @@ def test_straggler_flagged(tmp_path):
     text = log.read_text(encoding="utf-8", errors="replace")
     assert "straggler: rank 1" in text
     assert "straggler: rank 0" not in text
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_worker_saves_and_run_finishes(tmp_path):
+    steps, grace_s = 30, 60.0
+    # Steps of 0.2 s leave time between the signal and the checkpoint at step 20, so the stop
+    # step gets a preemption save of its own. The delay does not change the numerics.
+    sections = {"run": {"record_samples": True}, "fault_tolerance": {"stop_grace_s": grace_s},
+                "faults": [{"kind": "slow", "rank": 0, "step": 1, "seconds": 0.2}]}
+    config = write_config(tmp_path, "worker-sigterm", steps, **sections)
+    log = tmp_path / "worker-sigterm.log"
+    run_uri = str(tmp_path / "storage" / "worker-sigterm")
+    process = start_train(config, log)
+    try:
+        wait_for_step(run_uri, 13, process)
+        rank1 = read_rank_process(run_uri, 1, 1, process)
+        sent_at = time.time()
+        os.kill(rank1["pid"], signal.SIGTERM)
+        read_rank_process(run_uri, 2, 1, process)
+        deadline = time.monotonic() + 60
+        while process_exists(rank1["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not process_exists(rank1["pid"]), "the preempted worker process still runs in the next attempt"
+        status = process.wait(timeout=400)
+    finally:
+        kill_session(process)
+    assert status == 0, tail(log)
+
+    records = read_history(run_uri)
+    stopped_at = max(record["step"] for record in records if record["attempt"] == 1)
+    first_resumed = min(record["step"] for record in records if record["attempt"] == 2)
+    assert first_resumed == stopped_at + 1, "the restart did not resume right after the agreed stop step"
+    assert 15 <= stopped_at < 20, f"the signal sent after step 15 stopped the run at step {stopped_at}"
+    commit = read_commit_record(filesystem(run_uri), checkpoint_uri(run_uri, stopped_at))
+    assert commit.reason == "preemption"
+    assert commit.committed_at - sent_at <= grace_s, "the checkpoint committed after fault_tolerance.stop_grace_s"
+    assert {record["attempt"] for record in records} == {1, 2}
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert "received SIGTERM" in text
+    assert "restarts 1;" in text
+
+    reference_config = write_config(tmp_path, "worker-sigterm-reference", steps, **sections)
+    assert run_train(reference_config, tmp_path / "reference.log") == 0, tail(tmp_path / "reference.log")
+    reference = read_history(str(tmp_path / "storage" / "worker-sigterm-reference"))
+    losses, reference_losses = final_losses(records), final_losses(reference)
+    assert sorted(losses) == list(range(1, steps + 1))
+    mismatched = {step: (reference_losses[step], losses[step]) for step in losses if losses[step] != reference_losses[step]}
+    assert not mismatched, f"steps whose loss differs from the uninterrupted run: {mismatched}"
+    final, final_reference = ({record["step"]: record for record in history} for history in (records, reference))
+    for step in range(1, steps + 1):
+        assert sorted(final[step]["samples"]) == sorted(final_reference[step]["samples"]), f"step {step} trained on other samples"
+
+
+def test_remove_node_on_head_kills_rank_only(tmp_path):
+    # The embedded cluster has one node, the head, which runs the GCS and must stay.
+    config = write_config(tmp_path, "head-node", 16, faults=[{"kind": "remove_node", "rank": 1, "step": 12}])
+    log = tmp_path / "head-node.log"
+    assert run_train(config, log) == 0, tail(log)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert "runs on the head node" in text
+    assert "SIGKILL to its raylet" not in text
+    records = read_history(str(tmp_path / "storage" / "head-node"))
+    assert sorted(final_losses(records)) == list(range(1, 17))
+    assert min(record["step"] for record in records if record["attempt"] == 2) == 11

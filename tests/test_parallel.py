@@ -71,9 +71,10 @@ FOUR_RANK_CASES: dict[str, dict[str, Any]] = {
 }
 # (saved under, resumed under)
 INTERCHANGE_PAIRS = [("zero3", "ddp"), ("zero3", "hsdp"), ("ddp", "zero3"), ("hsdp", "zero3"), ("zero1", "zero2"),
-                     ("zero3", "zero1")]
+                     ("zero3", "zero1"), ("fsdp-tp2", "zero3"), ("zero3", "fsdp-tp2"), ("fsdp-tp2", "ddp")]
 STRATEGY_SETTINGS = {"ddp": {"strategy": "ddp"}, "zero1": {"strategy": "zero1"}, "zero2": {"strategy": "zero2"},
-                     "zero3": {"strategy": "zero3"}, "hsdp": {"strategy": "hsdp", "hsdp_shard_size": 2}}
+                     "zero3": {"strategy": "zero3"}, "hsdp": {"strategy": "hsdp", "hsdp_shard_size": 2},
+                     "fsdp-tp2": {"strategy": "fsdp", "tensor_parallel_size": 2}}
 
 
 def make_config(parallel: dict[str, Any], world_size: int) -> Any:

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from workers.data import IGNORE_INDEX, MicroBatch
 from workers.model import ModelArgs, Transformer, build_model
 from workers.parallel import apply_fsdp
-from workers.step import clip_gradients, forward_backward, train_step
+from workers.step import clip_gradients, compute_gradients, forward_backward, train_step
 
 ARGS = ModelArgs(n_layers=2, dim=32, n_heads=4, vocab_size=64, seq_len=128)
 MODEL_SEED = 11
@@ -80,13 +80,31 @@ def test_loss_is_mean_over_target_tokens():
     model = build_model(ARGS, seed=MODEL_SEED)
     batch = make_batch(TWO_SAMPLES)
 
-    loss_sum, target_tokens = forward_backward(model, split_batch(batch, 0, 2, 1), CPU)
+    result = compute_gradients(model, split_batch(batch, 0, 2, 1), device=CPU)
 
     with torch.no_grad():
         logits = model(batch.inputs)
     expected = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
-    assert target_tokens == sum(TWO_SAMPLES)
-    torch.testing.assert_close(loss_sum / target_tokens, expected, rtol=RTOL, atol=ATOL)
+    assert result.target_tokens == sum(TWO_SAMPLES)
+    assert result.loss == pytest.approx(float(expected), rel=RTOL, abs=ATOL)
+
+
+def test_grad_factor_gives_gradients_of_the_mean_loss():
+    # Most positions of TWO_SAMPLES are ignored, so the backward pass's divisor (every position)
+    # differs from the target count and the factor must correct it.
+    model = build_model(ARGS, seed=MODEL_SEED)
+    batch = make_batch(TWO_SAMPLES)
+    expected_model = build_model(ARGS, seed=MODEL_SEED)
+    logits = expected_model(batch.inputs)
+    F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX).backward()
+    expected = gradients(expected_model)
+
+    result = compute_gradients(model, split_batch(batch, 0, 2, 1), device=CPU)
+
+    assert result.grad_factor == batch.targets.numel() / sum(TWO_SAMPLES)
+    assert_gradients_close({name: grad * result.grad_factor for name, grad in gradients(model).items()}, expected)
+    expected_norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in expected.values()]))
+    assert result.grad_norm == pytest.approx(float(expected_norm), rel=1e-5)
 
 
 def test_accumulation_matches_one_micro_batch():
@@ -122,7 +140,7 @@ def test_batch_without_targets_rejected():
     batch = make_batch((0, 0))
 
     with pytest.raises(ValueError, match="no target tokens"):
-        forward_backward(model, [batch], CPU)
+        compute_gradients(model, [batch], device=CPU)
 
 
 def fsdp_rank_worker(rank: int, init_file: str, output_dir: str) -> None:
@@ -148,7 +166,7 @@ def fsdp_rank_worker(rank: int, init_file: str, output_dir: str) -> None:
         for micro_batch in (1, 2):
             model.zero_grad(set_to_none=True)
             micro_batches = split_batch(batch, start, start + per_rank, micro_batch)
-            loss_sum, target_tokens = forward_backward(model, micro_batches, CPU, units)
+            loss_sum, target_tokens = forward_backward(model, micro_batches, CPU, units).totals[:2]
             # full_tensor() is a collective, so every rank gathers even though only rank 0 saves.
             full = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
             results[micro_batch] = {"grads": full, "loss_sum": loss_sum, "target_tokens": target_tokens}
@@ -192,7 +210,7 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def one_process_reference() -> dict:
     """Gradients, loss sum and token count of FOUR_SAMPLES in one micro-batch on one process."""
     model = build_model(ARGS, seed=MODEL_SEED)
-    loss_sum, target_tokens = forward_backward(model, [make_batch(FOUR_SAMPLES)], CPU)
+    loss_sum, target_tokens = forward_backward(model, [make_batch(FOUR_SAMPLES)], CPU).totals[:2]
     return {"grads": gradients(model), "loss_sum": loss_sum, "target_tokens": target_tokens}
 
 

@@ -427,6 +427,26 @@ def _agree(local: tuple[str, str] | None, group: dist.ProcessGroup | None, check
     raise CheckpointIntegrityError(text)
 
 
+# Param-group keys that choose the optimizer's kernels: a setting of this run, not of the checkpoint.
+OPTIMIZER_KERNEL_KEYS = ("foreach", "fused")
+
+
+def keep_optimizer_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]) -> None:
+    """Restore this run's kernel choice after a load copied the saved param groups over it.
+
+    The fused kernels want each parameter's step count on the parameter's device,
+    where a checkpoint saved with foreach kernels keeps it on the CPU.
+    """
+    for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(chosen)
+        if not chosen.get("fused"):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
 def load_checkpoint(
     checkpoint_id: str,
     *,
@@ -476,7 +496,9 @@ def load_checkpoint(
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group)
+            kernels = [{key: group.get(key) for key in OPTIMIZER_KERNEL_KEYS} for group in optimizer.param_groups]
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            keep_optimizer_kernels(optimizer, kernels)
             if saved.get("world_size") == world_size and rank_rng_file(world_rank) in record.files:
                 restore_rng_state(json.loads(reader.fs.read_verified(rank_rng_file(world_rank))))
             else:

@@ -11,6 +11,8 @@ neither repeats nor skips a sample.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -64,16 +66,33 @@ class TokenDataset:
         raw = self._fs.cat_file(self._shard_uris[shard], start=start * itemsize, end=(start + count) * itemsize)
         return np.frombuffer(raw, dtype=self._dtype)
 
-    def sample(self, index: int) -> np.ndarray:
-        """Return the ``seq_len + 1`` tokens of global sample ``index`` as int64."""
+    def _locate(self, index: int) -> tuple[int, int]:
+        """Return (shard, first token) of global sample ``index``."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range [0, {self.num_samples})")
         shard = bisect.bisect_right(self._first_index, index) - 1
-        offset = (index - self._first_index[shard]) * self.seq_len
+        return shard, (index - self._first_index[shard]) * self.seq_len
+
+    def sample(self, index: int) -> np.ndarray:
+        """Return the ``seq_len + 1`` tokens of global sample ``index`` as int64."""
+        shard, offset = self._locate(index)
         return self._read(shard, offset, self.seq_len + 1).astype(np.int64)
 
+    def samples(self, indices: Sequence[int]) -> np.ndarray:
+        """Return the samples of ``indices`` stacked as int64, read concurrently from object storage."""
+        if self._local:
+            return np.stack([self.sample(index) for index in indices])
+        itemsize = self._dtype.itemsize
+        places = [self._locate(index) for index in indices]
+        # One request per sample, in flight together: fsspec runs them on its event loop.
+        raw = self._fs.cat_ranges([self._shard_uris[shard] for shard, _ in places],
+                                  [offset * itemsize for _, offset in places],
+                                  [(offset + self.seq_len + 1) * itemsize for _, offset in places],
+                                  on_error="raise")
+        return np.stack([np.frombuffer(chunk, dtype=self._dtype) for chunk in raw]).astype(np.int64)
+
     def micro_batch(self, sample_indices: list[int] | tuple[int, ...]) -> MicroBatch:
-        windows = np.stack([self.sample(index) for index in sample_indices])
+        windows = self.samples(sample_indices)
         tokens = torch.from_numpy(windows)
         return MicroBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], sample_indices=tuple(sample_indices))
 
@@ -115,3 +134,47 @@ def rank_micro_batches(
         )
     mine = indices[world_rank * per_rank : (world_rank + 1) * per_rank]
     return [mine[i : i + micro_batch] for i in range(0, per_rank, micro_batch)]
+
+
+class BatchPrefetcher:
+    """Reads the micro-batches of the next step in a background thread while this step computes.
+
+    A prefetch is keyed by its sample indices: when the step requests other
+    samples (a rollback changed the data skips, say), the prefetched batches are
+    dropped and the right ones are read at once. A failed background read raises
+    in ``load``, as a direct read would. With ``enabled=False`` every read is direct.
+    """
+
+    def __init__(self, dataset: TokenDataset, *, enabled: bool = True, pin_memory: bool = False):
+        self.dataset = dataset
+        self.pin_memory = pin_memory
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-prefetch") if enabled else None
+        self._pending: tuple[tuple[tuple[int, ...], ...], Future[list[MicroBatch]]] | None = None
+
+    def _read(self, chunks: Sequence[Sequence[int]]) -> list[MicroBatch]:
+        batches = [self.dataset.micro_batch(chunk) for chunk in chunks]
+        if self.pin_memory:
+            # Page-locked host memory lets the copy to the GPU run asynchronously.
+            batches = [MicroBatch(batch.inputs.pin_memory(), batch.targets.pin_memory(), batch.sample_indices)
+                       for batch in batches]
+        return batches
+
+    def load(self, chunks: Sequence[Sequence[int]]) -> list[MicroBatch]:
+        """Return the micro-batches of ``chunks``, from the prefetch when it read the same samples."""
+        key = tuple(tuple(chunk) for chunk in chunks)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if pending[0] == key:
+                return pending[1].result()
+            pending[1].cancel()
+        return self._read(chunks)
+
+    def prefetch(self, chunks: Sequence[Sequence[int]]) -> None:
+        """Start reading ``chunks`` in the background (no-op when disabled)."""
+        if self._executor is not None:
+            key = tuple(tuple(chunk) for chunk in chunks)
+            self._pending = (key, self._executor.submit(self._read, key))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)

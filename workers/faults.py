@@ -13,15 +13,18 @@ import sys
 import time
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
-from service.config import Config, HangFault, KillFault, SlowFault, SpikeFault
+from service.config import Config, HangFault, KillFault, RemoveNodeFault, SlowFault, SpikeFault
 from service.storage import filesystem, join, write_json
 
 logger = logging.getLogger(__name__)
 
 FAULTS_DIR = "faults"
+# The resource Ray 2.60 gives only the head node (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def _marker(run_uri: str, name: str) -> str:
@@ -29,7 +32,7 @@ def _marker(run_uri: str, name: str) -> str:
 
 
 def _due_once(config: Config, kind: type, run_uri: str, storage_options: dict[str, Any], step: int,
-              world_rank: int) -> KillFault | HangFault | None:
+              world_rank: int) -> KillFault | HangFault | RemoveNodeFault | None:
     """Return the fault of type ``kind`` due for this rank at ``step``, after claiming its marker; None if none is due."""
     for fault in config.faults:
         if not isinstance(fault, kind) or fault.rank != world_rank or fault.step != step:
@@ -48,8 +51,86 @@ def fire_kill_faults(config: Config, run_uri: str, storage_options: dict[str, An
     if _due_once(config, KillFault, run_uri, storage_options, step, world_rank) is None:
         return
     logger.warning("fault injection: killing rank %d (pid %d) with SIGKILL at step %d", world_rank, os.getpid(), step)
+    _kill_this_process()
+
+
+def _kill_this_process() -> None:
     sys.stdout.flush()
+    sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fire_remove_node_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int,
+                            world_rank: int) -> None:
+    """Remove this rank's Ray node if a remove_node fault is due here: SIGKILL to its raylet, then to this rank.
+
+    A raylet killed with SIGKILL is what a lost machine looks like to the cluster: the
+    GCS marks the node dead once its health checks fail, and every worker on it
+    exits. This rank kills itself right after the raylet, as it would die with the
+    machine. The head node runs the GCS, so removing it would end the cluster. There,
+    and wherever the raylet cannot be found, only this rank is killed.
+    """
+    if _due_once(config, RemoveNodeFault, run_uri, storage_options, step, world_rank) is None:
+        return
+    node_id = ray.get_runtime_context().get_node_id()
+    raylet = find_raylet(node_id)
+    if raylet is None:
+        logger.warning("fault injection: the raylet of node %s (rank %d) was not found among this machine's "
+                       "processes, so only rank %d (pid %d) is killed with SIGKILL at step %d",
+                       node_id, world_rank, world_rank, os.getpid(), step)
+    elif is_head_node(node_id, raylet[1]):
+        logger.warning("fault injection: rank %d runs on the head node %s, which runs the GCS and cannot be removed, "
+                       "so only rank %d (pid %d) is killed with SIGKILL at step %d",
+                       world_rank, node_id, world_rank, os.getpid(), step)
+    else:
+        logger.warning("fault injection: removing node %s of rank %d at step %d: SIGKILL to its raylet (pid %d)",
+                       node_id, world_rank, step, raylet[0])
+        os.kill(raylet[0], signal.SIGKILL)
+    _kill_this_process()
+
+
+def _command_line(pid: int) -> list[str]:
+    """Return the arguments of process ``pid`` from /proc, or [] when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            raw = file.read()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def _is_raylet_of(arguments: list[str], node_id: str) -> bool:
+    return bool(arguments) and os.path.basename(arguments[0]) == "raylet" and f"--node_id={node_id}" in arguments
+
+
+def find_raylet(node_id: str) -> tuple[int, list[str]] | None:
+    """Return the pid and arguments of the raylet of node ``node_id`` on this machine, or None.
+
+    Ray 2.60's raylet starts the worker processes itself, so the parent process is
+    checked first. Otherwise (a worker started through a wrapper, say) /proc is
+    searched. Either way the process must be a ``raylet`` started with
+    ``--node_id=<node_id>``, because several raylets share one machine in a test cluster.
+    """
+    parent = os.getppid()
+    arguments = _command_line(parent)
+    if _is_raylet_of(arguments, node_id):
+        return parent, arguments
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        arguments = _command_line(pid)
+        if _is_raylet_of(arguments, node_id):
+            return pid, arguments
+    return None
+
+
+def is_head_node(node_id: str, raylet_arguments: list[str]) -> bool:
+    """Return whether ``node_id`` is the head node: its raylet was started with --head, or it has the head resource."""
+    if "--head" in raylet_arguments:
+        return True
+    return any(node["NodeID"] == node_id and HEAD_NODE_RESOURCE in node.get("Resources", {}) for node in ray.nodes())
 
 
 def fire_hang_faults(config: Config, run_uri: str, storage_options: dict[str, Any], step: int, world_rank: int) -> None:

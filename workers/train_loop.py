@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import statistics
 import sys
 import threading
@@ -25,10 +27,11 @@ from service.config import Config
 from service.storage import filesystem, join, read_json, write_json
 from workers.async_save import Checkpointer
 from workers.checkpoint import SaveOutcome, TrainState, load_checkpoint, load_newest_valid, seed_rank_rng
-from workers.data import SampleOrder, TokenDataset, rank_micro_batches
-from workers.faults import fire_hang_faults, fire_kill_faults, slow_fault_delay_s, spike_multiplier
+from workers.data import BatchPrefetcher, SampleOrder, TokenDataset, rank_micro_batches
+from workers.faults import fire_hang_faults, fire_kill_faults, fire_remove_node_faults, slow_fault_delay_s, spike_multiplier
 from workers.flops import current_device_peak, training_flops_per_token
 from workers.model import ModelArgs, build_model
+from workers.preemption import SigtermWatcher, WorkerPreempted, install_in_worker_process, sigterm_received
 from workers.parallel import ParallelModel, ShardedAdamW, build_device_mesh, parallelize
 from workers.reporting import ProgressReporter, StepRecord
 from workers.schedule import lr_multiplier
@@ -42,6 +45,8 @@ ATTEMPTS_DIR = "attempts"
 DATA_SKIPS_FILE = "data_skips.json"
 ABORT_FILE = "ABORTED.json"
 HANGS_DIR = "hangs"
+RANKS_DIR = "ranks"
+PREEMPTION_RECORD_TIMEOUT_S = 10.0
 STOP_POLL_INTERVAL_S = 2.0
 
 
@@ -65,7 +70,8 @@ def configure_worker_logging() -> None:
             package_logger.propagate = False
 
 
-def build_optimizer(model: torch.nn.Module, config: Config, parallel: ParallelModel | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: Config, parallel: ParallelModel | None = None,
+                    device_type: str = "cpu") -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm weights are not decayed).
 
     Under zero1 (``parallel.shard_optimizer_state``) the same update runs in ``ShardedAdamW``.
@@ -79,7 +85,17 @@ def build_optimizer(model: torch.nn.Module, config: Config, parallel: ParallelMo
     if parallel is not None and parallel.shard_optimizer_state:
         return ShardedAdamW(groups, mesh=parallel.mesh, lr=config.optim.lr, betas=config.optim.betas,
                             eps=config.optim.eps, weight_decay=config.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+                             **adamw_kernels(config.optim.implementation, device_type))
+
+
+def adamw_kernels(implementation: str, device_type: str) -> dict[str, bool | None]:
+    """Return AdamW's ``foreach`` and ``fused`` arguments for ``optim.implementation`` on this device type."""
+    if implementation == "auto":
+        implementation = "fused" if device_type == "cuda" else "foreach"
+    if implementation == "fused":
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
 
 
 def model_args(config: Config) -> ModelArgs:
@@ -152,6 +168,7 @@ class Trainer:
 
         self.refuse_if_aborted()
         self.attempt = next_attempt(self.run_uri, self.storage_options, self.context, self.started_at)
+        self.record_rank_process()
         self.metrics_actor = self.find_metrics_actor(loop_config.get("metrics_actor"))
         if self.metrics_actor is not None and self.is_rank0:
             self.metrics_actor.record_attempt.remote(self.attempt, self.context.world_size)
@@ -159,10 +176,10 @@ class Trainer:
         # Model and optimizer: identical init on every rank from the seed, then sharded or wrapped by the strategy.
         model = build_model(model_args(config), seed=config.run.seed)
         model.to(device)
-        self.parallel = parallelize(model, config.parallel, mesh)
+        self.parallel = parallelize(model, config.parallel, mesh, compile_blocks=config.train.compile)
         self.model = self.parallel.module
         self.fsdp_units = self.parallel.sync_units
-        self.optimizer = build_optimizer(self.model, config, self.parallel)
+        self.optimizer = build_optimizer(self.model, config, self.parallel, device.type)
         self.checkpointer = Checkpointer(
             settings=config.checkpoint, run_uri=self.run_uri, storage_options=self.storage_options,
             saved_config=self.saved_config, model=self.model, optimizer=self.optimizer,
@@ -173,6 +190,7 @@ class Trainer:
 
         self.dataset = TokenDataset(loop_config["dataset_uri"], config.model.seq_len, self.storage_options)
         self.order = SampleOrder(self.dataset.num_samples, config.run.seed)
+        self.prefetcher = BatchPrefetcher(self.dataset, enabled=config.train.prefetch, pin_memory=use_gpu)
         self.monitor = build_spike_monitor(config)
         self.loss_scaler = None
         if config.parallel.param_dtype == "float16":
@@ -184,13 +202,20 @@ class Trainer:
         self.last_saved_step = 0
         self.stop_requested = threading.Event()
         self.stop_agreed = False
+        self.driver_stop_agreed = False
+        self.preempted_ranks = 0
         self.slow_intervals: dict[int, int] = {}
         self.busy_times_s: list[float] = []
+        self.prep_times_s: list[float] = []  # step start to data ready, the part of the step before any collective
         tolerance = config.fault_tolerance
         self.watchdog = HangWatchdog(
             fixed_timeout_s=tolerance.hang_timeout_s, floor_s=tolerance.hang_timeout_floor_s,
             step_multiple=tolerance.hang_timeout_step_multiple, on_hang=self.on_hang,
         )
+        self.sigterm_watcher = SigtermWatcher(
+            f"run={config.run.name} attempt={self.attempt} rank={self.context.world_rank}", tolerance.stop_grace_s,
+        )
+        self.sigterm_watcher.start()
         self.current_step = 0
         self.step_samples: list[int] | None = None
         self.reporter = None
@@ -256,6 +281,27 @@ class Trainer:
         self.record_hang(reason, {"stalled_s": stalled_s, "timeout_s": timeout_s, "detector": "watchdog"})
         kill_this_process(reason)
 
+    def record_rank_process(self) -> None:
+        """Write this rank's process id and Ray node to storage, for operators and tests that signal one rank."""
+        path = join(self.run_uri, RANKS_DIR, f"attempt-{self.attempt:04d}-rank-{self.context.world_rank:05d}.json")
+        write_json(self.fs, path, {
+            "attempt": self.attempt, "rank": self.context.world_rank, "world_size": self.context.world_size,
+            "pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+            "started_at": self.started_at,
+        })
+
+    def stop_flags(self) -> list[float]:
+        """Return this rank's flags for the step's collective: [driver stop requested, SIGTERM received]."""
+        return [float(self.stop_requested.is_set()), float(sigterm_received())]
+
+    def agree_on_stop(self, summed_flags: list[float]) -> None:
+        """Decide whether to stop after this step from the flags of ``stop_flags`` summed over ranks, as every rank does."""
+        self.driver_stop_agreed = summed_flags[0] > 0
+        self.preempted_ranks = int(summed_flags[1])
+        self.stop_agreed = self.driver_stop_agreed or self.preempted_ranks > 0
+        if self.driver_stop_agreed:
+            self.stop_requested.set()
+
     def poll_stop_requests(self) -> None:
         """Rank 0 thread: watch the driver's stop flag (set on SIGTERM) without blocking the step loop."""
         while not self.stop_requested.is_set():
@@ -268,14 +314,21 @@ class Trainer:
             time.sleep(STOP_POLL_INTERVAL_S)
 
     def check_stragglers(self) -> None:
-        """Gather each rank's mean busy time over the interval; flag ranks that stay well above the median."""
-        local = torch.tensor([statistics.fmean(self.busy_times_s) if self.busy_times_s else 0.0], dtype=torch.float64)
-        self.busy_times_s = []
+        """Gather each rank's mean busy time over the interval; flag ranks that stay well above the median.
+
+        A rank that had its data ready before the slowest rank waits for it in forward's first
+        collective (FSDP's all-gather, or DDP's first gradient all-reduce). That wait is the
+        difference of the two ranks' preparation times, and it is taken out of the busy time here.
+        """
+        local = torch.tensor([statistics.fmean(times) if times else 0.0 for times in (self.busy_times_s, self.prep_times_s)],
+                             dtype=torch.float64)
+        self.busy_times_s, self.prep_times_s = [], []
         gathered = [torch.zeros_like(local) for _ in range(self.context.world_size)]
         dist.all_gather(gathered, local)
         if not self.is_rank0:
             return
-        busy = [float(item.item()) for item in gathered]
+        slowest_prep_s = max(float(item[1]) for item in gathered)
+        busy = [max(0.0, float(item[0]) - (slowest_prep_s - float(item[1]))) for item in gathered]
         median = statistics.median(busy)
         factor = self.config.fault_tolerance.straggler_factor
         flagged = []
@@ -353,13 +406,19 @@ class Trainer:
 
     # One step.
 
-    def micro_batches(self, step: int) -> list:
+    def rank_chunks(self, step: int) -> list[list[int]]:
+        """Return this rank's sample indices of ``step``, one list per micro-batch."""
         config = self.config
         batch_id = self.data_skips.batch_for_step(step)
         indices = self.order.global_batch(batch_id, config.train.global_batch)
         # Ranks of one tensor-parallel group share a data shard.
-        chunks = rank_micro_batches(indices, self.parallel.dp_rank, self.parallel.dp_size, config.train.micro_batch)
-        batches = [self.dataset.micro_batch(chunk) for chunk in chunks]
+        return rank_micro_batches(indices, self.parallel.dp_rank, self.parallel.dp_size, config.train.micro_batch)
+
+    def micro_batches(self, step: int) -> list:
+        config = self.config
+        batches = self.prefetcher.load(self.rank_chunks(step))
+        if step < config.train.steps:
+            self.prefetcher.prefetch(self.rank_chunks(step + 1))
         if config.run.record_samples:
             self.step_samples = self.gather_samples(batches)
         return batches
@@ -388,6 +447,7 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         fire_kill_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
+        fire_remove_node_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
         fire_hang_faults(config, self.run_uri, self.storage_options, step, self.context.world_rank)
         delay_s = slow_fault_delay_s(config, step, self.context.world_rank)
         if delay_s:
@@ -395,16 +455,16 @@ class Trainer:
         multiplier = spike_multiplier(config, self.run_uri, self.storage_options, step, self.context.world_rank)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         timings: dict[str, Any] = {}
-        gradients = compute_gradients(self.model, self.micro_batches(step), device=self.context.device,
+        batches = self.micro_batches(step)
+        self.prep_times_s.append(time.perf_counter() - started)
+        gradients = compute_gradients(self.model, batches, device=self.context.device,
                                       fsdp_units=self.fsdp_units, loss_multiplier=multiplier, loss_scale=scale,
-                                      flags=[float(self.stop_requested.is_set())], timings=timings,
+                                      flags=self.stop_flags(), timings=timings,
                                       sample_replicas=self.parallel.tp_size)
-        # Any rank's stop request reaches every rank through the step's first collective.
-        self.stop_agreed = timings["flags"][0] > 0
-        if self.stop_agreed:
-            self.stop_requested.set()
-        # NOTE: busy time leaves out only the wait in the step's first collective, so it catches
-        # ranks that are late to start a step (slow data, host stalls), not slow kernels inside it.
+        # Any rank's stop request or SIGTERM reaches every rank through the collective of the step's loss sum.
+        self.agree_on_stop(gradients.flags)
+        # Busy time leaves out the wait in that collective; check_stragglers removes the wait in
+        # forward's first collective for ranks that were ready before the slowest one.
         self.busy_times_s.append(time.perf_counter() - started - timings["sync_wait_s"])
 
         if self.loss_scaler is not None and not math.isfinite(gradients.grad_norm) and math.isfinite(gradients.loss):
@@ -469,8 +529,10 @@ class Trainer:
                     return
         finally:
             self.watchdog.stop()
+            self.prefetcher.close()
 
         self.checkpointer.close()
+        self.sigterm_watcher.stop()
         if self.last_saved_step != config.train.steps:
             # Tell Ray Train the run finished even when the last step was not saved.
             ray.train.report({"step": self.train_state.step, "tokens_seen": self.train_state.tokens_seen})
@@ -533,16 +595,49 @@ class Trainer:
         return ray.train.get_preemption_info() is not None
 
     def stop(self, step: int) -> None:
-        """Save (unless this step is already saved) and return cleanly: the driver was asked to stop."""
-        if self.last_saved_step != step:
-            self.log(logging.WARNING, "step=%d stop requested (SIGTERM to the driver): saving a checkpoint", step)
-            self.save(step, self.reporter.last_loss if self.reporter is not None else float("nan"), reason="sigterm")
+        """End the attempt at ``step``, which every rank agreed on, once a checkpoint of it has committed.
+
+        A stop the driver requested returns cleanly. A stop for SIGTERM to a worker raises
+        ``WorkerPreempted`` after the commit, so that Ray Train restarts the worker group and
+        the run resumes at the next step. At the last step it returns, because the run is done.
+        """
+        preempted = self.preempted_ranks > 0 and not self.driver_stop_agreed
+        reason = "preemption" if preempted else "sigterm"
+        cause = (f"{self.preempted_ranks} rank(s) received SIGTERM" if preempted
+                 else "stop requested (SIGTERM to the driver)")
+        if self.newest_commit_is(step):
+            self.log(logging.WARNING, "step=%d %s; the newest committed checkpoint is this step", step, cause)
         else:
-            self.log(logging.WARNING, "step=%d stop requested; the latest checkpoint is this step", step)
+            self.log(logging.WARNING, "step=%d %s: saving a checkpoint", step, cause)
+            self.save(step, self.reporter.last_loss if self.reporter is not None else float("nan"), reason=reason)
         if self.reporter is not None:
             self.reporter.flush()
         self.checkpointer.close()
-        ray.train.report({"step": step, "tokens_seen": self.train_state.tokens_seen, "stopped": True})
+        if preempted and step < self.config.train.steps:
+            self.record_preemption()
+            raise WorkerPreempted(
+                f"run={self.config.run.name} attempt={self.attempt} rank={self.context.world_rank}: {cause}, and the "
+                f"checkpoint of step {step} has committed. Ray Train restarts the worker group and the run resumes "
+                f"at step {step + 1}. Each such restart counts against run.max_failures={self.config.run.max_failures}"
+            )
+        self.sigterm_watcher.stop()
+        ray.train.report({"step": step, "tokens_seen": self.train_state.tokens_seen, "stopped": step < self.config.train.steps})
+
+    def newest_commit_is(self, step: int) -> bool:
+        """Wait for a save in flight, then return whether the newest committed checkpoint is the one of ``step``."""
+        self.checkpointer.wait()
+        outcome = self.checkpointer.last_outcome
+        return outcome is not None and outcome.step == step and outcome.committed
+
+    def record_preemption(self) -> None:
+        """On rank 0, mark the coming restart as caused by preemption, waiting until the metrics actor has it."""
+        if not self.is_rank0 or self.metrics_actor is None:
+            return
+        try:
+            ray.get(self.metrics_actor.record_preemption.remote(), timeout=PREEMPTION_RECORD_TIMEOUT_S)
+        except ray.exceptions.RayError as error:
+            logger.warning("run=%s attempt=%d failed to record the preemption in the metrics: %r",
+                           self.config.run.name, self.attempt, error)
 
     def record(self, step: int, loss: float, grad_norm: float, tokens: int, action: str,
                events: list[StabilityEvent], duration_s: float) -> StepRecord:
@@ -555,4 +650,5 @@ class Trainer:
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: set up, resume if possible, train to ``train.steps``."""
     configure_worker_logging()
+    install_in_worker_process()
     Trainer(loop_config).train()
