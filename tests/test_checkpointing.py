@@ -60,6 +60,7 @@ SEED = 7
 LR = 1e-2
 # Bounded waits inside ranks: generous, because 3-4 test suites may share 2 cores.
 WAIT_S = 120.0
+HELD_SAVE_S = 1.0  # how long a test holds a background save before letting it write
 EVIDENCE_FILE = "evidence.json"
 
 
@@ -358,6 +359,18 @@ def _policy_rank(world_rank: int, world_size: int, run_uri: str, output_dir: str
     release.set()
     skipping.close()
     decisions["committed_step"] = skipping.last_outcome.step
+
+    # A save past max_inflight_steps=1 blocks due(), and due() reports how long.
+    release.clear()
+    waiting = _checkpointer(model, optimizer, world_rank, run_uri, {}, max_inflight_steps=1)
+    state.step = 3
+    waiting.save(3, state, loss=None)
+    releaser = threading.Timer(HELD_SAVE_S, release.set)
+    releaser.start()
+    waiting.due(4)
+    releaser.join()
+    decisions["due_blocked_s"] = waiting.due_blocked_s
+    waiting.close()
     if world_rank == 0:
         _write_evidence(output_dir, decisions)
 
@@ -763,8 +776,9 @@ def test_save_policy_decisions(tmp_path: Path) -> None:
     assert decisions["final"] == "final"
     assert decisions["skipped_saves"] == 1
     assert decisions["committed_step"] == 1
+    assert decisions["due_blocked_s"] >= 0.9 * HELD_SAVE_S
     assert "step=2 save (reason=interval) skipped: the save of step 1 is still in flight" in (tmp_path / "rank0.log").read_text()
-    assert [info.step for info in list_checkpoints(filesystem(run_uri), run_uri)] == [1]
+    assert [info.step for info in list_checkpoints(filesystem(run_uri), run_uri)] == [1, 3]
 
 
 def test_outage_past_budget_stops_run(tmp_path: Path) -> None:

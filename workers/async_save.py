@@ -132,6 +132,7 @@ class Checkpointer:
         self.outage_started_clock: float | None = None
         self.retry_clock: float | None = None
         self.skipped_saves = 0
+        self.due_blocked_s = 0.0  # seconds the last due() call blocked the step loop
         self.last_outcome: SaveOutcome | None = None
         self.poll: _Poll | None = None
         self.stager = Stager()
@@ -181,8 +182,16 @@ class Checkpointer:
         """Collect a finished background save, then return why a save is due after ``step``, or None.
 
         Decisions use the poll started at the previous step, so every rank sees the same values;
-        a commit is noticed one step after every rank finished it.
+        a commit is noticed one step after every rank finished it. The time this call blocked,
+        including any wait for a save past ``max_inflight_steps``, is left in ``due_blocked_s``.
         """
+        started = time.perf_counter()
+        try:
+            return self._due(step)
+        finally:
+            self.due_blocked_s = time.perf_counter() - started
+
+    def _due(self, step: int) -> str | None:
         settings = self.settings
         started = time.perf_counter()
         polled = self._finish_poll()

@@ -578,6 +578,9 @@ class Trainer:
             self.reporter.add(record)
 
         reason = self.checkpointer.due(step)
+        if self.reporter is not None:
+            # A wait here for a save past checkpoint.max_inflight_steps is checkpoint stall too.
+            self.reporter.checkpoint_stalled(step, self.checkpointer.due_blocked_s)
         if reason is not None:
             self.save(step, loss, reason=reason)
 
