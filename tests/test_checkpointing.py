@@ -60,7 +60,7 @@ SEED = 7
 LR = 1e-2
 # Bounded waits inside ranks: generous, because 3-4 test suites may share 2 cores.
 WAIT_S = 120.0
-HELD_SAVE_S = 1.0  # how long a test holds a background save before letting it write
+HELD_SAVE_S = 1.0  # how long a test keeps a background save from writing
 EVIDENCE_FILE = "evidence.json"
 
 

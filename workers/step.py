@@ -73,9 +73,9 @@ def forward_backward(
     scaling), so the returned loss is unaffected by it. Gradient reduction
     across ranks runs only on the last micro-batch.
 
-    ``flags`` are summed over ranks in that collective too and land in
-    ``timings["flags"]`` when ``timings`` is given, with the seconds this rank
-    spent in the collective in ``timings["sync_wait_s"]``.
+    ``flags`` are summed over ranks in that collective too; compute_gradients
+    returns the sums in ``Gradients.flags``. When ``timings`` is given, the
+    seconds this rank spent in the collective go to ``timings["sync_wait_s"]``.
 
     ``sample_replicas`` is the number of ranks that train on each sample (the
     tensor-parallel size): sums over all ranks count each token and its loss

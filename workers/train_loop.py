@@ -463,7 +463,7 @@ class Trainer:
                                       sample_replicas=self.parallel.tp_size)
         # Any rank's stop request or SIGTERM reaches every rank through the collective of the step's loss sum.
         self.agree_on_stop(gradients.flags)
-        # Busy time leaves out the wait in that collective; check_stragglers removes the wait in
+        # Busy time leaves out the wait in that collective. check_stragglers also removes the wait in
         # forward's first collective for ranks that were ready before the slowest one.
         self.busy_times_s.append(time.perf_counter() - started - timings["sync_wait_s"])
 
