@@ -206,7 +206,7 @@ class Trainer:
         self.preempted_ranks = 0
         self.slow_intervals: dict[int, int] = {}
         self.busy_times_s: list[float] = []
-        self.prep_times_s: list[float] = []  # step start to data ready, the part of the step before any collective
+        self.prep_times_s: list[float] = []  # seconds from step start to data ready, per step
         tolerance = config.fault_tolerance
         self.watchdog = HangWatchdog(
             fixed_timeout_s=tolerance.hang_timeout_s, floor_s=tolerance.hang_timeout_floor_s,
