@@ -92,7 +92,7 @@ class TrainSection(Section):
     global_batch: PositiveInt = Field(16, description="Sequences per optimizer step across all ranks.")
     micro_batch: PositiveInt = Field(4, description="Sequences per rank per forward/backward pass.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None disables clipping.")
-    log_every: PositiveInt = Field(10, description="Steps between progress lines, metric updates and Ray Train reports.")
+    log_every: PositiveInt = Field(10, description="Steps between progress lines and metric updates.")
     prefetch: bool = Field(True, description="Read the next step's micro-batches in a background thread while this step computes.")
     compile: bool = Field(
         False, description="torch.compile each transformer block. The first steps pay the compile time; see "
@@ -204,6 +204,11 @@ class ScalingSection(Section):
         30.0, gt=0,
         description="Seconds Ray Train waits for a worker group to start before it retries, smaller if elastic. "
         "Ray's own default is 60; a lower value shrinks sooner when a node is really gone.",
+    )
+    health_check_interval_s: float = Field(
+        1.0, gt=0,
+        description="Seconds between the Ray Train controller's polls of the workers: a dead worker is noticed at the "
+        "next poll. Ray's own default is 2; a lower value recovers sooner and costs the ranks one poll each time.",
     )
 
     @field_validator("num_workers")

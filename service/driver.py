@@ -215,8 +215,10 @@ def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodpu
 def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_id: str | None) -> TorchTrainer:
     storage_path, storage_filesystem = ray_storage(config)
     # Read by the Ray Train controller: how long a worker group may take to start before Ray
-    # retries (and, for an elastic run, retries smaller). A user's own setting wins.
+    # retries (and, for an elastic run, retries smaller), and how often it polls the workers,
+    # which bounds how late a dead worker is noticed. A user's own environment setting wins.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(config.scaling.worker_group_start_timeout_s))
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(config.scaling.health_check_interval_s))
     loop_config = {
         "config": config.model_dump(mode="json"),
         "saved_config": redact_secrets(config.model_dump(mode="json")),

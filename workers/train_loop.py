@@ -116,14 +116,18 @@ def next_attempt(run_uri: str, storage_options: dict[str, Any], context: WorkerC
     return int(number.item())
 
 
-def report_checkpoint_to_ray(step: int, checkpoint_id: str, metrics: dict[str, Any]) -> None:
-    """Report a committed checkpoint's step and metrics to Ray Train, without handing it the checkpoint.
+def report_end_to_ray(step: int, tokens_seen: int, **extra: Any) -> None:
+    """Report the step an attempt ended at to Ray Train, once per attempt.
 
-    Stalwart's catalog in storage decides what to resume from and prunes old
-    checkpoints. A checkpoint given to Ray would go into Ray's run snapshot, and
-    Ray refuses to start the next driver session once retention has deleted it.
+    Stalwart's catalog in storage, not Ray, decides what to resume from, so no
+    checkpoint is handed to Ray (it would go into Ray's run snapshot, and Ray refuses
+    to start the next driver session once retention has deleted it). Nor is each
+    commit reported: in Ray 2.60 a worker's results wait in a queue of one until the
+    controller polls the worker group (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so
+    a report made within one poll interval of the previous one blocks until that poll.
+    With a save every second, that blocked the step loop about 1 s per save.
     """
-    ray.train.report({**metrics, "step": step, "checkpoint_id": checkpoint_id})
+    ray.train.report({"step": step, "tokens_seen": tokens_seen, **extra})
 
 
 def build_spike_monitor(config: Config) -> SpikeMonitor:
@@ -504,7 +508,6 @@ class Trainer:
         """Report a committed checkpoint; the checkpointer calls this on every rank at the same step."""
         if self.reporter is not None:
             self.reporter.checkpoint_saved(outcome.step, outcome.duration_s)
-        report_checkpoint_to_ray(outcome.step, outcome.checkpoint_id, {"loss": outcome.loss, "tokens_seen": outcome.tokens_seen})
 
     def abort(self, error: SpikeAbort, step: int) -> None:
         if self.is_rank0:
@@ -533,9 +536,7 @@ class Trainer:
 
         self.checkpointer.close()
         self.sigterm_watcher.stop()
-        if self.last_saved_step != config.train.steps:
-            # Tell Ray Train the run finished even when the last step was not saved.
-            ray.train.report({"step": self.train_state.step, "tokens_seen": self.train_state.tokens_seen})
+        report_end_to_ray(self.train_state.step, self.train_state.tokens_seen)
 
     def train_one(self, step: int) -> int:
         """Run step ``step`` with its bookkeeping; return the step the loop has reached (lower after a rollback)."""
@@ -624,7 +625,7 @@ class Trainer:
                 f"at step {step + 1}. Each such restart counts against run.max_failures={self.config.run.max_failures}"
             )
         self.sigterm_watcher.stop()
-        ray.train.report({"step": step, "tokens_seen": self.train_state.tokens_seen, "stopped": step < self.config.train.steps})
+        report_end_to_ray(step, self.train_state.tokens_seen, stopped=step < self.config.train.steps)
 
     def newest_commit_is(self, step: int) -> bool:
         """Wait for a save in flight, then return whether the newest committed checkpoint is the one of ``step``."""
