@@ -19,6 +19,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from service.catalog import list_checkpoints, read_commit_record
 from service.config import config_from_dict
 from service.driver import RunSummary, run_training
 from service.storage import filesystem, read_json
@@ -155,7 +156,8 @@ def _alive_worker_node_ids() -> set[str]:
     return {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0}
 
 
-def _train_bounded(tree: dict, limit_s: float) -> RunSummary:
+def _start_run(tree: dict) -> tuple[threading.Thread, list[RunSummary], list[BaseException]]:
+    """Start a run on a thread; its summary or its error lands in the returned lists."""
     results: list[RunSummary] = []
     errors: list[BaseException] = []
 
@@ -167,28 +169,38 @@ def _train_bounded(tree: dict, limit_s: float) -> RunSummary:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
+    return thread, results, errors
+
+
+def _finish_run(thread: threading.Thread, results: list[RunSummary], errors: list[BaseException], limit_s: float) -> RunSummary:
     thread.join(timeout=limit_s)
     assert not thread.is_alive(), f"the run did not finish within {limit_s} s"
     assert not errors, f"the run failed: {errors[0]!r}"
     return results[0]
 
 
+def _ensure_two_worker_nodes(fake: Cluster, nodes: list) -> None:
+    # Earlier tests of this module may have removed nodes, some behind the Cluster's back (the
+    # remove_node fault kills a raylet), so count live nodes rather than use wait_for_nodes.
+    missing = 2 - len(_alive_worker_node_ids())
+    for _ in range(missing):
+        nodes.append(fake.add_node(num_cpus=1))
+    _wait(lambda: len(_alive_worker_node_ids()) >= 2, 60, "two live worker nodes", [])
+    assert len(_alive_worker_node_ids()) == 2
+    # An elastic run sizes its first worker group by the CPUs free now, which lag a new node.
+    _wait(lambda: ray.available_resources().get("CPU", 0) >= 2, 60, "two free CPUs", [])
+
+
 def test_remove_node_fault_shrinks_run(cluster, tmp_path):
     fake, nodes = cluster
-    # Earlier tests of this module may have removed nodes: start from two live CPU nodes.
-    for _ in range(2):
-        if len(_alive_worker_node_ids()) >= 2:
-            break
-        nodes.append(fake.add_node(num_cpus=1))
-        fake.wait_for_nodes()
+    _ensure_two_worker_nodes(fake, nodes)
     alive_before = _alive_worker_node_ids()
-    assert len(alive_before) == 2
 
     storage = str(tmp_path)
     faults = [{"kind": "remove_node", "rank": 1, "step": REMOVE_NODE_AT_STEP}]
     tree = elastic_config(storage, "remove-node", [1, 2], faults)
     tree["train"]["steps"] = REMOVE_NODE_STEPS
-    summary = _train_bounded(tree, 600)
+    summary = _finish_run(*_start_run(tree), limit_s=600)
 
     assert summary.steps == REMOVE_NODE_STEPS
     run_uri = f"{storage}/remove-node"
@@ -205,3 +217,56 @@ def test_remove_node_fault_shrinks_run(cluster, tmp_path):
     assert {record["world_size"] for record in last_attempt} == {1}
     assert last_attempt[0]["step"] == 11, "the run did not resume from the checkpoint at step 10"
     assert last_attempt[-1]["step"] == REMOVE_NODE_STEPS
+
+
+DRAIN_STEPS = 60
+DRAIN_AT_STEP = 6
+
+
+def _drain_node(node_id: str, deadline_s: float) -> None:
+    """Ask the GCS to drain a node for preemption, as a spot reclaim or the autoscaler does."""
+    from ray.core.generated import autoscaler_pb2  # noqa: PLC0415
+
+    gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+    accepted, message = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                       "spot reclaim (test)", int(time.time() * 1000 + deadline_s * 1000))
+    assert accepted, f"the drain request was rejected: {message}"
+
+
+def _preemption_commits(run_uri: str) -> list[int]:
+    fs = filesystem(run_uri)
+    return [info.step for info in list_checkpoints(fs, run_uri)
+            if info.committed and read_commit_record(fs, info.checkpoint_id).reason == "preemption"]
+
+
+def test_drained_node_saves_then_run_resumes(cluster, tmp_path):
+    fake, nodes = cluster
+    _ensure_two_worker_nodes(fake, nodes)
+    storage = str(tmp_path)
+    run_uri = f"{storage}/drain"
+    tree = elastic_config(storage, "drain", [1, 2], [{"kind": "slow", "rank": 0, "step": 1, "seconds": 0.3}])
+    tree["train"]["steps"] = DRAIN_STEPS
+    # No interval saves: the only checkpoint before the end is the one the drain triggers.
+    tree["checkpoint"]["every_steps"] = None
+    thread, results, errors = _start_run(tree)
+    at_two_ranks = lambda r: r["step"] >= DRAIN_AT_STEP and r["world_size"] == 2  # noqa: E731
+    _wait(lambda: bool(_records_where(run_uri, at_two_ranks)), 300, f"step {DRAIN_AT_STEP} at 2 ranks", errors)
+    attempt = _records_where(run_uri, at_two_ranks)[-1]["attempt"]
+    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-{attempt:04d}-rank-00001.json")
+    _drain_node(rank1["node_id"], deadline_s=120)
+    # Ray Train polls the drain state every 5 s, and the ranks ask Ray Train at every logging interval.
+    _wait(lambda: bool(_preemption_commits(run_uri)), 120, "a checkpoint saved for the preemption", errors)
+    saved_step = _preemption_commits(run_uri)[0]
+    # The reclaim: the drained node goes away.
+    node = next(node for node in nodes if node.node_id == rank1["node_id"])
+    fake.remove_node(node)
+    nodes.remove(node)
+    summary = _finish_run(thread, results, errors, limit_s=600)
+
+    assert summary.steps == DRAIN_STEPS
+    assert saved_step > DRAIN_AT_STEP
+    records = read_history(run_uri)
+    assert sorted(final_losses(records)) == list(range(1, DRAIN_STEPS + 1))
+    last_attempt = [record for record in records if record["attempt"] == max(r["attempt"] for r in records)]
+    assert {record["world_size"] for record in last_attempt} == {1}
+    assert last_attempt[0]["step"] == saved_step + 1, "the run did not resume from the preemption checkpoint"
