@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(commands, _add_config_arguments)
 
+    stop_node = commands.add_parser(
+        "stop-node",
+        help="drain this machine's Ray node and SIGTERM its training workers, so they save a checkpoint; "
+        "for a Kubernetes preStop hook",
+    )
+    stop_node.add_argument("--node-id", help="Ray node id of the raylet to stop (default: the only raylet on this machine)")
+    stop_node.add_argument("--grace-s", type=float, default=120.0,
+                           help="seconds to wait for the workers to exit; keep it within the pod's terminationGracePeriodSeconds")
+    stop_node.add_argument("--no-drain", dest="drain", action="store_false",
+                           help="only send SIGTERM; do not ask the GCS to drain the node")
+
     show = commands.add_parser("config", help="print the validated config as YAML")
     _add_config_arguments(show)
     _add_deepspeed_argument(show)
@@ -152,8 +163,22 @@ def command_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_stop_node(args: argparse.Namespace) -> int:
+    from workers.preemption import stop_node
+
+    try:
+        running = stop_node(args.node_id, grace_s=args.grace_s, drain=args.drain)
+    except RuntimeError as error:
+        logger.error("stop-node: %s", error)
+        return 2
+    if running:
+        logger.error("stop-node: worker processes %s still run %.0f s after SIGTERM", running, args.grace_s)
+        return 1
+    return 0
+
+
 COMMANDS = {"train": command_train, "prepare": command_prepare, "report": command_report, "config": command_config,
-            "checkpoints": command_checkpoints, "plan": command_plan}
+            "checkpoints": command_checkpoints, "plan": command_plan, "stop-node": command_stop_node}
 
 
 def main(argv: list[str] | None = None) -> int:

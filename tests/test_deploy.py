@@ -27,6 +27,7 @@ import jsonschema
 import pytest
 import yaml
 
+from service.cli import build_parser
 from service.config import config_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,21 @@ def test_run_config_fits_worker_group():
     volume = rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     assert "/etc/stalwart/run.yaml" in rayjob()["spec"]["entrypoint"]
+
+
+def test_worker_pods_stop_node_before_sigterm():
+    (config_map,) = [document for _, document in manifests() if document["kind"] == "ConfigMap"]
+    stop_grace_s = config_from_dict(yaml.safe_load(config_map["data"]["run.yaml"])).fault_tolerance.stop_grace_s
+    for spec in cluster_specs():
+        (group,) = spec["workerGroupSpecs"]
+        pod = group["template"]["spec"]
+        command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "stalwart"
+        args = build_parser().parse_args(command[1:])
+        assert args.command == "stop-node"
+        assert args.drain
+        assert args.grace_s > stop_grace_s, "the hook returns before the workers' own grace period ends"
+        assert pod["terminationGracePeriodSeconds"] > args.grace_s, "the kubelet kills the pod while the hook waits"
 
 
 # The submitter's quoting.

@@ -23,6 +23,8 @@ from service.catalog import list_checkpoints, read_commit_record
 from service.config import config_from_dict
 from service.driver import RunSummary, run_training
 from service.storage import filesystem, read_json
+from workers.faults import command_line
+from workers.preemption import stop_node
 from workers.reporting import final_losses, read_history
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
@@ -239,25 +241,34 @@ def _preemption_commits(run_uri: str) -> list[int]:
             if info.committed and read_commit_record(fs, info.checkpoint_id).reason == "preemption"]
 
 
-def test_drained_node_saves_then_run_resumes(cluster, tmp_path):
+@pytest.mark.parametrize("stop", ["ray-drain", "stop-node"])
+def test_preempted_node_saves_then_run_resumes(cluster, tmp_path, stop):
+    """A node about to be reclaimed: drained by Ray (the autoscaler, ``ray drain-node``), or stopped by
+    ``stalwart stop-node`` as a pod's preStop hook runs it (a drain, then SIGTERM to the workers)."""
     fake, nodes = cluster
     _ensure_two_worker_nodes(fake, nodes)
     storage = str(tmp_path)
-    run_uri = f"{storage}/drain"
-    tree = elastic_config(storage, "drain", [1, 2], [{"kind": "slow", "rank": 0, "step": 1, "seconds": 0.3}])
+    run_uri = f"{storage}/{stop}"
+    tree = elastic_config(storage, stop, [1, 2], [{"kind": "slow", "rank": 0, "step": 1, "seconds": 0.3}])
     tree["train"]["steps"] = DRAIN_STEPS
-    # No interval saves: the only checkpoint before the end is the one the drain triggers.
+    # No interval saves: the only checkpoints before the end are the ones the preemption triggers.
     tree["checkpoint"]["every_steps"] = None
     thread, results, errors = _start_run(tree)
     at_two_ranks = lambda r: r["step"] >= DRAIN_AT_STEP and r["world_size"] == 2  # noqa: E731
     _wait(lambda: bool(_records_where(run_uri, at_two_ranks)), 300, f"step {DRAIN_AT_STEP} at 2 ranks", errors)
     attempt = _records_where(run_uri, at_two_ranks)[-1]["attempt"]
-    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-{attempt:04d}-rank-00001.json")
-    _drain_node(rank1["node_id"], deadline_s=120)
-    # Ray Train polls the drain state every 5 s, and the ranks ask Ray Train at every logging interval.
-    _wait(lambda: bool(_preemption_commits(run_uri)), 120, "a checkpoint saved for the preemption", errors)
-    saved_step = _preemption_commits(run_uri)[0]
-    # The reclaim: the drained node goes away.
+    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-{attempt:04d}-rank-{1:05d}.json")
+    if stop == "ray-drain":
+        _drain_node(rank1["node_id"], deadline_s=120)
+        # Ray Train polls the drain state every 5 s, and the ranks ask Ray Train at every logging interval.
+        _wait(lambda: bool(_preemption_commits(run_uri)), 120, "a checkpoint saved for the preemption", errors)
+    else:
+        still_running = stop_node(rank1["node_id"], grace_s=60)
+        assert still_running == [], "Ray Train workers of the stopped node still run after the grace period"
+        assert not command_line(rank1["pid"]), "rank 1 still runs"
+        assert _preemption_commits(run_uri), "the workers exited without a checkpoint"
+    saved_step = max(_preemption_commits(run_uri))
+    # The reclaim: the node goes away.
     node = next(node for node in nodes if node.node_id == rank1["node_id"])
     fake.remove_node(node)
     nodes.remove(node)

@@ -1,4 +1,4 @@
-"""SIGTERM handling of a training worker process, without Ray: the flag, the grace timer, the restart cause."""
+"""SIGTERM handling of a training worker process, without Ray: the flag, the grace timer, the restart cause, stop-node."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from service.cli import main as cli_main
 from service.metrics import RunMetrics
 from workers import preemption
 from workers.faults import _is_raylet_of, find_raylet
+from workers.preemption import _parent_pid
 
 
 @pytest.fixture
@@ -95,3 +97,13 @@ def test_raylet_match_needs_node_id():
 
 def test_find_raylet_of_unknown_node():
     assert find_raylet("0" * 56) is None
+
+
+def test_parent_pid_read_from_proc():
+    assert _parent_pid(os.getpid()) == os.getppid()
+    assert _parent_pid(2**22 + 1) is None  # above Linux's pid_max limit, so no such process
+
+
+def test_stop_node_of_unknown_node_rejected(caplog: pytest.LogCaptureFixture):
+    assert cli_main(["stop-node", "--node-id", "0123abcd", "--grace-s", "1"]) == 2
+    assert "no raylet of node 0123abcd runs on this machine" in caplog.text

@@ -213,7 +213,9 @@ class S3PartUpload(_HashingUpload):
     def _consume(self, view: memoryview) -> None:
         self._buffer += view
         while len(self._buffer) >= self._part_bytes:
-            part = bytes(self._buffer[: self._part_bytes])
+            # Slicing through a memoryview copies the part once; slicing the bytearray would copy it twice.
+            with memoryview(self._buffer) as buffered:
+                part = bytes(buffered[: self._part_bytes])
             del self._buffer[: self._part_bytes]
             self._submit(part)
 

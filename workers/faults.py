@@ -89,7 +89,7 @@ def fire_remove_node_faults(config: Config, run_uri: str, storage_options: dict[
     _kill_this_process()
 
 
-def _command_line(pid: int) -> list[str]:
+def command_line(pid: int) -> list[str]:
     """Return the arguments of process ``pid`` from /proc, or [] when it is gone or unreadable."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
@@ -112,7 +112,7 @@ def find_raylet(node_id: str) -> tuple[int, list[str]] | None:
     ``--node_id=<node_id>``, because several raylets share one machine in a test cluster.
     """
     parent = os.getppid()
-    arguments = _command_line(parent)
+    arguments = command_line(parent)
     if _is_raylet_of(arguments, node_id):
         return parent, arguments
     try:
@@ -120,7 +120,7 @@ def find_raylet(node_id: str) -> tuple[int, list[str]] | None:
     except OSError:
         return None
     for pid in pids:
-        arguments = _command_line(pid)
+        arguments = command_line(pid)
         if _is_raylet_of(arguments, node_id):
             return pid, arguments
     return None

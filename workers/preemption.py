@@ -25,9 +25,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 import ray
+
+from workers.faults import command_line
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +134,105 @@ class SigtermWatcher:
         if self._stop.wait(max(0.0, remaining_s)):
             return
         self._on_expired(self.description, self.grace_s)
+
+
+# Ray 2.60 sets this process title on the worker actors of Ray Train.
+TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
+
+
+@dataclass(frozen=True)
+class LocalRaylet:
+    pid: int
+    node_id: str
+    gcs_address: str
+
+
+def _option(arguments: list[str], name: str) -> str | None:
+    prefix = f"--{name}="
+    return next((argument[len(prefix):] for argument in arguments if argument.startswith(prefix)), None)
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    # The command name in brackets may contain spaces; the state and the parent pid follow its closing bracket.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[1])
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def local_raylets() -> list[LocalRaylet]:
+    """Return the raylets running on this machine, from /proc."""
+    raylets = []
+    for pid in _all_pids():
+        arguments = command_line(pid)
+        if not arguments or os.path.basename(arguments[0]) != "raylet":
+            continue
+        node_id, gcs_address = _option(arguments, "node_id"), _option(arguments, "gcs-address")
+        if node_id and gcs_address:
+            raylets.append(LocalRaylet(pid, node_id, gcs_address))
+    return raylets
+
+
+def train_worker_pids(raylet_pid: int) -> list[int]:
+    """Return the pids of the Ray Train worker processes that the raylet ``raylet_pid`` started."""
+    pids = []
+    for pid in _all_pids():
+        arguments = command_line(pid)
+        if arguments and arguments[0].startswith(TRAIN_WORKER_TITLE) and _parent_pid(pid) == raylet_pid:
+            pids.append(pid)
+    return pids
+
+
+def _drain_for_preemption(raylet: LocalRaylet, grace_s: float) -> None:
+    """Ask the GCS to drain the node, so Ray schedules nothing new on it and Ray Train learns of the preemption."""
+    from ray.core.generated import autoscaler_pb2  # noqa: PLC0415
+
+    deadline_ms = int((time.time() + grace_s) * 1000)
+    gcs = ray._raylet.GcsClient(address=raylet.gcs_address)
+    accepted, message = gcs.drain_node(raylet.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                       "stalwart stop-node", deadline_ms)
+    if not accepted:
+        logger.warning("the GCS rejected the drain of node %s: %s. Stopping its workers anyway", raylet.node_id, message)
+
+
+def stop_node(node_id: str | None = None, grace_s: float = 120.0, drain: bool = True) -> list[int]:
+    """Drain this machine's Ray node, SIGTERM its Ray Train workers and wait up to ``grace_s`` for them to exit.
+
+    A pod's preStop hook runs this before the kubelet's SIGTERM, which goes to ``ray start
+    --block``: in Ray 2.60 that drains the node for 30 s and then kills the workers. Here each
+    worker instead saves a checkpoint after its next step and ends its attempt (see the module
+    docstring). Returns the pids still running after ``grace_s``.
+    """
+    raylets = local_raylets()
+    if node_id is not None:
+        raylets = [raylet for raylet in raylets if raylet.node_id == node_id]
+    if not raylets:
+        raise RuntimeError(f"no raylet{f' of node {node_id}' if node_id else ''} runs on this machine; "
+                           "run this on a Ray node, or pass the node id of a raylet that runs here")
+    if len(raylets) > 1:
+        raise RuntimeError(f"{len(raylets)} raylets run on this machine ({', '.join(r.node_id for r in raylets)}); "
+                           "pass --node-id to choose one")
+    raylet = raylets[0]
+    if drain:
+        _drain_for_preemption(raylet, grace_s)
+    pids = train_worker_pids(raylet.pid)
+    logger.warning("node %s: SIGTERM to Ray Train worker processes %s (grace %.0f s)", raylet.node_id, pids, grace_s)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    # A zombie has an empty command line, so a process that exited but was not yet reaped counts as gone.
+    running = [pid for pid in pids if command_line(pid)]
+    while running and time.monotonic() < deadline:
+        time.sleep(WATCH_INTERVAL_S)
+        running = [pid for pid in running if command_line(pid)]
+    return running
