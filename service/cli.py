@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import TextIO
@@ -29,6 +30,16 @@ def _add_deepspeed_argument(parser: argparse.ArgumentParser) -> None:
         help="map a DeepSpeed JSON config onto the config (after --config, before --set); prints the mapping and "
         "every key it cannot honour",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop_node = commands.add_parser(
         "stop-node",
-        help="drain this machine's Ray node and SIGTERM its training workers, so they save a checkpoint; "
-        "for a Kubernetes preStop hook",
+        help="drain this machine's Ray node and send SIGTERM to its training workers, so they save a checkpoint "
+        "(for a Kubernetes preStop hook)",
     )
     stop_node.add_argument("--node-id", help="Ray node id of the raylet to stop (default: the only raylet on this machine)")
-    stop_node.add_argument("--grace-s", type=float, default=120.0,
-                           help="seconds to wait for the workers to exit; keep it within the pod's terminationGracePeriodSeconds")
+    stop_node.add_argument("--grace-s", type=_positive_seconds, default=130.0,
+                           help="seconds to wait for the workers to exit, and the drain's deadline. Keep it above "
+                           "fault_tolerance.stop_grace_s and below the pod's terminationGracePeriodSeconds (default 130)")
     stop_node.add_argument("--no-drain", dest="drain", action="store_false",
-                           help="only send SIGTERM; do not ask the GCS to drain the node")
+                           help="only send SIGTERM, without asking the GCS to drain the node")
 
     show = commands.add_parser("config", help="print the validated config as YAML")
     _add_config_arguments(show)
@@ -164,15 +176,16 @@ def command_config(args: argparse.Namespace) -> int:
 
 
 def command_stop_node(args: argparse.Namespace) -> int:
+    """Exit status 0 when every worker exited (or none ran), 1 when some still run, 2 when the command could not run."""
     from workers.preemption import stop_node
 
     try:
         running = stop_node(args.node_id, grace_s=args.grace_s, drain=args.drain)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         logger.error("stop-node: %s", error)
         return 2
     if running:
-        logger.error("stop-node: worker processes %s still run %.0f s after SIGTERM", running, args.grace_s)
+        logger.error("stop-node: worker processes %s are still running %.0f s after SIGTERM", running, args.grace_s)
         return 1
     return 0
 

@@ -208,7 +208,7 @@ class ScalingSection(Section):
     health_check_interval_s: float = Field(
         1.0, gt=0,
         description="Seconds between the Ray Train controller's polls of the workers: a dead worker is noticed at the "
-        "next poll. Ray's own default is 2; a lower value recovers sooner and costs the ranks one poll each time.",
+        "next poll. Ray's own default is 2. A lower value recovers sooner, and each poll is one remote call to every worker.",
     )
 
     @field_validator("num_workers")

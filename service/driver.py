@@ -212,13 +212,26 @@ def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodpu
     )
 
 
+# Values this process exported for Ray Train, by variable, so a later run in the same process
+# can tell its own earlier value from one the user set.
+_exported_settings: dict[str, str] = {}
+
+
+def export_controller_setting(name: str, value: float) -> None:
+    """Set a Ray Train environment variable to the config's value, unless the user set it (their value wins)."""
+    current = os.environ.get(name)
+    if current is not None and current != _exported_settings.get(name):
+        return
+    os.environ[name] = _exported_settings[name] = str(value)
+
+
 def build_trainer(config: Config, run_uri: str, dataset_uri: str, metrics_actor_id: str | None) -> TorchTrainer:
     storage_path, storage_filesystem = ray_storage(config)
     # Read by the Ray Train controller: how long a worker group may take to start before Ray
     # retries (and, for an elastic run, retries smaller), and how often it polls the workers,
-    # which bounds how late a dead worker is noticed. A user's own environment setting wins.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(config.scaling.worker_group_start_timeout_s))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(config.scaling.health_check_interval_s))
+    # which bounds how late a dead worker is noticed.
+    export_controller_setting("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", config.scaling.worker_group_start_timeout_s)
+    export_controller_setting("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", config.scaling.health_check_interval_s)
     loop_config = {
         "config": config.model_dump(mode="json"),
         "saved_config": redact_secrets(config.model_dump(mode="json")),

@@ -315,16 +315,22 @@ def test_redact_keeps_unset_credentials_visible():
 def test_trainer_exports_controller_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from service.driver import build_trainer  # noqa: PLC0415 (imports ray)
 
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
-    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
-    config = config_from_dict({"storage": {"uri": str(tmp_path)},
-                               "scaling": {"health_check_interval_s": 0.25, "worker_group_start_timeout_s": 12}})
-    build_trainer(config, str(tmp_path / "run"), str(tmp_path / "data"), None)
+    # setenv first, so monkeypatch restores the variables after the test even though they start unset.
+    for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    tree = {"storage": {"uri": str(tmp_path)}, "scaling": {"health_check_interval_s": 0.25, "worker_group_start_timeout_s": 12}}
+    build_trainer(config_from_dict(tree), str(tmp_path / "run"), str(tmp_path / "data"), None)
     # Ray Train propagates both variables to its controller actor.
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "12.0"
 
-    # A value the user exported before the run wins over the config.
+    # A later run in the same process gets its own values.
+    tree["scaling"]["health_check_interval_s"] = 0.5
+    build_trainer(config_from_dict(tree), str(tmp_path / "run"), str(tmp_path / "data"), None)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+
+    # A value the user exported wins over the config.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
-    build_trainer(config, str(tmp_path / "run"), str(tmp_path / "data"), None)
+    build_trainer(config_from_dict(tree), str(tmp_path / "run"), str(tmp_path / "data"), None)
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"

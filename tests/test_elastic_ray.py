@@ -23,8 +23,8 @@ from service.catalog import list_checkpoints, read_commit_record
 from service.config import config_from_dict
 from service.driver import RunSummary, run_training
 from service.storage import filesystem, read_json
-from workers.faults import command_line
 from workers.preemption import stop_node
+from workers.procfs import command_line
 from workers.reporting import final_losses, read_history
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
@@ -182,8 +182,8 @@ def _finish_run(thread: threading.Thread, results: list[RunSummary], errors: lis
 
 
 def _ensure_two_worker_nodes(fake: Cluster, nodes: list) -> None:
-    # Earlier tests of this module may have removed nodes, some behind the Cluster's back (the
-    # remove_node fault kills a raylet), so count live nodes rather than use wait_for_nodes.
+    # Earlier tests of this module may have removed nodes, some behind the Cluster's back when the
+    # remove_node fault killed a raylet. So count live nodes instead of calling wait_for_nodes.
     missing = 2 - len(_alive_worker_node_ids())
     for _ in range(missing):
         nodes.append(fake.add_node(num_cpus=1))
@@ -241,10 +241,14 @@ def _preemption_commits(run_uri: str) -> list[int]:
             if info.committed and read_commit_record(fs, info.checkpoint_id).reason == "preemption"]
 
 
-@pytest.mark.parametrize("stop", ["ray-drain", "stop-node"])
+@pytest.mark.parametrize("stop", ["ray-drain", "stop-node", "sigterm-only"])
 def test_preempted_node_saves_then_run_resumes(cluster, tmp_path, stop):
-    """A node about to be reclaimed: drained by Ray (the autoscaler, ``ray drain-node``), or stopped by
-    ``stalwart stop-node`` as a pod's preStop hook runs it (a drain, then SIGTERM to the workers)."""
+    """Preempt the node of rank 1 in one of three ways, then remove it.
+
+    ``ray-drain``: Ray drains the node, as the autoscaler and ``ray drain-node`` do. ``stop-node``:
+    a drain, then SIGTERM to the workers, as the preStop hook runs it. ``sigterm-only``: SIGTERM
+    alone, so only the SIGTERM path can save the checkpoint.
+    """
     fake, nodes = cluster
     _ensure_two_worker_nodes(fake, nodes)
     storage = str(tmp_path)
@@ -263,9 +267,9 @@ def test_preempted_node_saves_then_run_resumes(cluster, tmp_path, stop):
         # Ray Train polls the drain state every 5 s, and the ranks ask Ray Train at every logging interval.
         _wait(lambda: bool(_preemption_commits(run_uri)), 120, "a checkpoint saved for the preemption", errors)
     else:
-        still_running = stop_node(rank1["node_id"], grace_s=60)
+        still_running = stop_node(rank1["node_id"], grace_s=60, drain=stop == "stop-node")
         assert still_running == [], "Ray Train workers of the stopped node still run after the grace period"
-        assert not command_line(rank1["pid"]), "rank 1 still runs"
+        assert not command_line(rank1["pid"]), "rank 1 is still running"
         assert _preemption_commits(run_uri), "the workers exited without a checkpoint"
     saved_step = max(_preemption_commits(run_uri))
     # The reclaim: the node goes away.

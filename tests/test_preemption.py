@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,8 +15,9 @@ import pytest
 from service.cli import main as cli_main
 from service.metrics import RunMetrics
 from workers import preemption
-from workers.faults import _is_raylet_of, find_raylet
-from workers.preemption import _parent_pid
+from workers.faults import find_raylet
+from workers.preemption import stop_node
+from workers.procfs import as_raylet, command_line, parent_pid, start_time, train_worker_pids
 
 
 @pytest.fixture
@@ -88,11 +91,14 @@ def test_restart_after_preemption_counted_as_preempted():
 
 
 def test_raylet_match_needs_node_id():
-    arguments = ["/opt/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/raylet", "--node_id=abc"]
+    arguments = ["/opt/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/raylet", "--node_id=abc",
+                 "--gcs-address=127.0.0.1:6379"]
 
-    assert _is_raylet_of(arguments, "abc")
-    assert not _is_raylet_of(arguments, "abd")
-    assert not _is_raylet_of(["/usr/bin/python", "--node_id=abc"], "abc")
+    raylet = as_raylet(7, arguments)
+    assert raylet is not None
+    assert (raylet.pid, raylet.node_id, raylet.gcs_address) == (7, "abc", "127.0.0.1:6379")
+    assert as_raylet(7, ["/usr/bin/python", "--node_id=abc"]) is None
+    assert as_raylet(7, arguments[:2]) is None
 
 
 def test_find_raylet_of_unknown_node():
@@ -100,10 +106,60 @@ def test_find_raylet_of_unknown_node():
 
 
 def test_parent_pid_read_from_proc():
-    assert _parent_pid(os.getpid()) == os.getppid()
-    assert _parent_pid(2**22 + 1) is None  # above Linux's pid_max limit, so no such process
+    assert parent_pid(os.getpid()) == os.getppid()
+    assert parent_pid(2**22 + 1) is None  # above Linux's pid_max limit, so no such process
+    assert start_time(2**22 + 1) is None
+
+
+# A fake raylet: a Python process named .../raylet with a raylet's arguments. It starts a process
+# titled like a Ray Train worker below a shell, as a runtime_env wrapper may, and prints its pid.
+FAKE_RAYLET = (
+    "import subprocess, time\n"
+    "shell = subprocess.Popen(['bash', '-c', 'exec -a ray::RayTrainWorker sleep 120 & echo $!; wait'],\n"
+    "                         stdout=subprocess.PIPE, text=True)\n"
+    "print(shell.stdout.readline().strip(), flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.fixture
+def fake_raylet() -> Iterator[tuple[subprocess.Popen, int]]:
+    node_id = "fa6e" * 14
+    raylet = subprocess.Popen(["bash", "-c", f'exec -a /opt/ray/raylet "{sys.executable}" -c "$0" --node_id={node_id} '
+                               "--gcs-address=127.0.0.1:9", FAKE_RAYLET], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(raylet.stdout.readline())
+        yield raylet, worker_pid
+    finally:
+        for pid in (raylet.pid, worker_pid if "worker_pid" in locals() else None):
+            if pid is not None and command_line(pid):
+                os.kill(pid, signal.SIGKILL)
+        raylet.wait(timeout=10)
+
+
+def test_stop_node_signals_workers_below_raylet(fake_raylet, caplog: pytest.LogCaptureFixture):
+    raylet, worker_pid = fake_raylet
+    assert parent_pid(worker_pid) != raylet.pid, "the fake worker should sit below a shell"
+    assert train_worker_pids(raylet.pid) == [worker_pid]
+
+    # No GCS listens at the fake raylet's GCS address: the drain fails or times out, and the worker still gets its SIGTERM.
+    assert stop_node("fa6e" * 14, grace_s=5) == []
+    assert not command_line(worker_pid), "the worker still runs"
+    assert "without the drain" in caplog.text
+
+
+def test_stop_node_rejects_bad_grace():
+    with pytest.raises(ValueError, match="grace_s=0"):
+        stop_node(grace_s=0)
 
 
 def test_stop_node_of_unknown_node_rejected(caplog: pytest.LogCaptureFixture):
     assert cli_main(["stop-node", "--node-id", "0123abcd", "--grace-s", "1"]) == 2
     assert "no raylet of node 0123abcd runs on this machine" in caplog.text
+
+
+@pytest.mark.parametrize("grace", ["0", "-5", "nan", "inf", "soon"])
+def test_stop_node_grace_must_be_positive(grace: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        cli_main(["stop-node", "--grace-s", grace])
+    assert "not a positive number of seconds" in capsys.readouterr().err

@@ -211,13 +211,15 @@ class S3PartUpload(_HashingUpload):
         return len(self._parts)
 
     def _consume(self, view: memoryview) -> None:
-        self._buffer += view
-        while len(self._buffer) >= self._part_bytes:
-            # Slicing through a memoryview copies the part once; slicing the bytearray would copy it twice.
-            with memoryview(self._buffer) as buffered:
-                part = bytes(buffered[: self._part_bytes])
-            del self._buffer[: self._part_bytes]
-            self._submit(part)
+        # Fill the buffer up to one part at a time, so a write larger than a part never buffers more than a part.
+        while len(view):
+            room = self._part_bytes - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+            if len(self._buffer) == self._part_bytes:
+                part = bytes(self._buffer)
+                self._buffer.clear()
+                self._submit(part)
 
     def _submit(self, body: bytes) -> None:
         if self._upload_id is None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from service.config import Config, HangFault, KillFault, RemoveNodeFault, SlowFault, SpikeFault
 from service.storage import filesystem, join, write_json
+from workers.procfs import Raylet, as_raylet, command_line, local_raylets
 
 logger = logging.getLogger(__name__)
 
@@ -78,55 +79,32 @@ def fire_remove_node_faults(config: Config, run_uri: str, storage_options: dict[
         logger.warning("fault injection: the raylet of node %s (rank %d) was not found among this machine's "
                        "processes, so only rank %d (pid %d) is killed with SIGKILL at step %d",
                        node_id, world_rank, world_rank, os.getpid(), step)
-    elif is_head_node(node_id, raylet[1]):
+    elif is_head_node(node_id, raylet.arguments):
         logger.warning("fault injection: rank %d runs on the head node %s, which runs the GCS and cannot be removed, "
                        "so only rank %d (pid %d) is killed with SIGKILL at step %d",
                        world_rank, node_id, world_rank, os.getpid(), step)
     else:
         logger.warning("fault injection: removing node %s of rank %d at step %d: SIGKILL to its raylet (pid %d)",
-                       node_id, world_rank, step, raylet[0])
-        os.kill(raylet[0], signal.SIGKILL)
+                       node_id, world_rank, step, raylet.pid)
+        os.kill(raylet.pid, signal.SIGKILL)
     _kill_this_process()
 
 
-def command_line(pid: int) -> list[str]:
-    """Return the arguments of process ``pid`` from /proc, or [] when it is gone or unreadable."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            raw = file.read()
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
-
-
-def _is_raylet_of(arguments: list[str], node_id: str) -> bool:
-    return bool(arguments) and os.path.basename(arguments[0]) == "raylet" and f"--node_id={node_id}" in arguments
-
-
-def find_raylet(node_id: str) -> tuple[int, list[str]] | None:
-    """Return the pid and arguments of the raylet of node ``node_id`` on this machine, or None.
+def find_raylet(node_id: str) -> Raylet | None:
+    """Return the raylet of node ``node_id`` on this machine, or None.
 
     Ray 2.60's raylet starts the worker processes itself, so the parent process is
     checked first. Otherwise (a worker started through a wrapper, say) /proc is
     searched. Either way the process must be a ``raylet`` started with
     ``--node_id=<node_id>``, because several raylets share one machine in a test cluster.
     """
-    parent = os.getppid()
-    arguments = command_line(parent)
-    if _is_raylet_of(arguments, node_id):
-        return parent, arguments
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return None
-    for pid in pids:
-        arguments = command_line(pid)
-        if _is_raylet_of(arguments, node_id):
-            return pid, arguments
-    return None
+    parent = as_raylet(os.getppid(), command_line(os.getppid()))
+    if parent is not None and parent.node_id == node_id:
+        return parent
+    return next((raylet for raylet in local_raylets() if raylet.node_id == node_id), None)
 
 
-def is_head_node(node_id: str, raylet_arguments: list[str]) -> bool:
+def is_head_node(node_id: str, raylet_arguments: tuple[str, ...]) -> bool:
     """Return whether ``node_id`` is the head node: its raylet was started with --head, or it has the head resource."""
     if "--head" in raylet_arguments:
         return True

@@ -14,23 +14,26 @@ The handler only records the time of the first SIGTERM in a module variable.
 The training loop sends that flag in the all-reduce of the step's loss sum, so
 every rank stops after the same step. A watcher thread logs the signal and ends
 the process if it still runs ``fault_tolerance.stop_grace_s`` after the signal.
+
+``stop_node`` sends that SIGTERM from outside: ``stalwart stop-node``, a Kubernetes
+preStop hook, runs it on a node about to go away.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 
 import ray
 
-from workers.faults import command_line
+from workers.procfs import Raylet, command_line, local_raylets, start_time, train_worker_pids
 
 logger = logging.getLogger(__name__)
 
@@ -136,103 +139,97 @@ class SigtermWatcher:
         self._on_expired(self.description, self.grace_s)
 
 
-# Ray 2.60 sets this process title on the worker actors of Ray Train.
-TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
+# Maximum seconds of stop_node's grace period that the drain request may take. A GCS that is
+# gone (the head pod deleted first) must not keep the workers from their SIGTERM.
+DRAIN_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class LocalRaylet:
-    pid: int
-    node_id: str
-    gcs_address: str
-
-
-def _option(arguments: list[str], name: str) -> str | None:
-    prefix = f"--{name}="
-    return next((argument[len(prefix):] for argument in arguments if argument.startswith(prefix)), None)
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    # The command name in brackets may contain spaces; the state and the parent pid follow its closing bracket.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[1])
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def local_raylets() -> list[LocalRaylet]:
-    """Return the raylets running on this machine, from /proc."""
-    raylets = []
-    for pid in _all_pids():
-        arguments = command_line(pid)
-        if not arguments or os.path.basename(arguments[0]) != "raylet":
-            continue
-        node_id, gcs_address = _option(arguments, "node_id"), _option(arguments, "gcs-address")
-        if node_id and gcs_address:
-            raylets.append(LocalRaylet(pid, node_id, gcs_address))
-    return raylets
-
-
-def train_worker_pids(raylet_pid: int) -> list[int]:
-    """Return the pids of the Ray Train worker processes that the raylet ``raylet_pid`` started."""
-    pids = []
-    for pid in _all_pids():
-        arguments = command_line(pid)
-        if arguments and arguments[0].startswith(TRAIN_WORKER_TITLE) and _parent_pid(pid) == raylet_pid:
-            pids.append(pid)
-    return pids
-
-
-def _drain_for_preemption(raylet: LocalRaylet, grace_s: float) -> None:
+def _request_drain(raylet: Raylet, deadline_s: float) -> None:
     """Ask the GCS to drain the node, so Ray schedules nothing new on it and Ray Train learns of the preemption."""
     from ray.core.generated import autoscaler_pb2  # noqa: PLC0415
 
-    deadline_ms = int((time.time() + grace_s) * 1000)
     gcs = ray._raylet.GcsClient(address=raylet.gcs_address)
     accepted, message = gcs.drain_node(raylet.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                       "stalwart stop-node", deadline_ms)
+                                       "stalwart stop-node", int(deadline_s * 1000), timeout=DRAIN_TIMEOUT_S)
     if not accepted:
-        logger.warning("the GCS rejected the drain of node %s: %s. Stopping its workers anyway", raylet.node_id, message)
+        raise RuntimeError(f"the GCS rejected the drain: {message}")
 
 
-def stop_node(node_id: str | None = None, grace_s: float = 120.0, drain: bool = True) -> list[int]:
+def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
+    """Request the drain on a daemon thread and wait at most DRAIN_TIMEOUT_S (or ``grace_s``) for it; log a failure."""
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            _request_drain(raylet, time.time() + grace_s)
+        except Exception as error:  # noqa: BLE001 (logged below; the workers get their SIGTERM regardless)
+            errors.append(error)
+
+    thread = threading.Thread(target=drain, name="stalwart-drain", daemon=True)
+    thread.start()
+    thread.join(timeout=min(DRAIN_TIMEOUT_S, grace_s))
+    if thread.is_alive():
+        logger.warning("node %s: the GCS at %s did not respond to the drain request within %.0f s, so the workers are "
+                       "stopped without the drain", raylet.node_id, raylet.gcs_address, min(DRAIN_TIMEOUT_S, grace_s))
+    elif errors:
+        logger.warning("node %s: the drain request to the GCS at %s failed, so the workers are stopped without the "
+                       "drain: %s", raylet.node_id, raylet.gcs_address, errors[0])
+
+
+def stop_node(node_id: str | None = None, grace_s: float = 130.0, drain: bool = True) -> list[int]:
     """Drain this machine's Ray node, SIGTERM its Ray Train workers and wait up to ``grace_s`` for them to exit.
 
-    A pod's preStop hook runs this before the kubelet's SIGTERM, which goes to ``ray start
-    --block``: in Ray 2.60 that drains the node for 30 s and then kills the workers. Here each
-    worker instead saves a checkpoint after its next step and ends its attempt (see the module
-    docstring). Returns the pids still running after ``grace_s``.
+    A pod's preStop hook runs this before the kubelet's SIGTERM. That SIGTERM goes to the
+    container's main process: ``ray start --block`` drains the node for 30 s and then kills the
+    workers (Ray 2.60), and a shell there ignores it. Here each worker instead saves a
+    checkpoint after its next step and ends its attempt (see the module docstring). The drain's
+    deadline, which Ray Train enforces, is ``grace_s`` from now, and the drain request itself
+    takes at most DRAIN_TIMEOUT_S of it. Returns the pids still running after ``grace_s``.
+    Raises ``ValueError`` for a ``grace_s`` that is not a positive number, and ``RuntimeError``
+    when no raylet (or several, without ``node_id``) runs on this machine.
     """
-    raylets = local_raylets()
-    if node_id is not None:
-        raylets = [raylet for raylet in raylets if raylet.node_id == node_id]
+    if not (math.isfinite(grace_s) and grace_s > 0):
+        raise ValueError(f"grace_s={grace_s} must be a positive number of seconds")
+    deadline = time.monotonic() + grace_s
+    raylets = [raylet for raylet in local_raylets() if node_id is None or raylet.node_id == node_id]
     if not raylets:
-        raise RuntimeError(f"no raylet{f' of node {node_id}' if node_id else ''} runs on this machine; "
-                           "run this on a Ray node, or pass the node id of a raylet that runs here")
+        raise RuntimeError(f"no raylet{f' of node {node_id}' if node_id else ''} runs on this machine. Run this on a "
+                           "Ray node, or pass the node id of a raylet that runs here")
     if len(raylets) > 1:
-        raise RuntimeError(f"{len(raylets)} raylets run on this machine ({', '.join(r.node_id for r in raylets)}); "
-                           "pass --node-id to choose one")
+        raise RuntimeError(f"{len(raylets)} raylets run on this machine ({', '.join(r.node_id for r in raylets)}). "
+                           "Pass --node-id to choose one")
     raylet = raylets[0]
     if drain:
-        _drain_for_preemption(raylet, grace_s)
-    pids = train_worker_pids(raylet.pid)
-    logger.warning("node %s: SIGTERM to Ray Train worker processes %s (grace %.0f s)", raylet.node_id, pids, grace_s)
-    for pid in pids:
+        if raylet.gcs_address is None:
+            logger.warning("node %s: the raylet's arguments name no GCS address, so the node is not drained", raylet.node_id)
+        else:
+            _drain_best_effort(raylet, grace_s)
+
+    # A pid with its start time names one process, so a pid reused by a new process counts as exited.
+    signalled: dict[int, int | None] = {}
+    for pid in train_worker_pids(raylet.pid):
+        started = start_time(pid)
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    # A zombie has an empty command line, so a process that exited but was not yet reaped counts as gone.
-    running = [pid for pid in pids if command_line(pid)]
-    while running and time.monotonic() < deadline:
+            continue
+        except PermissionError as error:
+            logger.error("node %s: SIGTERM to Ray Train worker pid %d failed: %s", raylet.node_id, pid, error)
+        signalled[pid] = started
+    if not signalled:
+        logger.warning("node %s: no Ray Train worker process runs below its raylet (pid %d)", raylet.node_id, raylet.pid)
+        return []
+    logger.warning("node %s: sent SIGTERM to Ray Train worker processes %s; waiting up to %.0f s for them to exit",
+                   raylet.node_id, sorted(signalled), deadline - time.monotonic())
+
+    def running() -> list[int]:
+        # A zombie has an empty command line, so a process that exited but was not yet reaped counts as exited.
+        return [pid for pid, started in signalled.items() if command_line(pid) and start_time(pid) == started]
+
+    still_running = running()
+    while still_running and time.monotonic() < deadline:
         time.sleep(WATCH_INTERVAL_S)
-        running = [pid for pid in running if command_line(pid)]
-    return running
+        still_running = running()
+    if not still_running:
+        logger.warning("node %s: every Ray Train worker exited", raylet.node_id)
+    return still_running
