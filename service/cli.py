@@ -38,7 +38,7 @@ def _positive_seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds, for example 130")
     return value
 
 
@@ -177,6 +177,14 @@ def command_config(args: argparse.Namespace) -> int:
 
 def command_stop_node(args: argparse.Namespace) -> int:
     """Exit status 0 when every worker exited (or none ran), 1 when some still run, 2 when the command could not run."""
+    if args.node_id == "":
+        logger.error("stop-node: --node-id is empty. Pass a Ray node id, or leave the option out")
+        return 2
+    # Ray 2.60's clients send the cluster's token only in token mode, which a process outside the
+    # cluster does not know it needs. A cluster without authentication accepts the token as well.
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and ("RAY_AUTH_TOKEN" in os.environ or os.path.isfile(token_path)):
+        os.environ["RAY_AUTH_MODE"] = "token"
     from workers.preemption import stop_node
 
     try:

@@ -58,15 +58,21 @@ class RunSummary:
     goodput: dict[str, float]
     stopped: bool  # ended early on a stop request; the same command resumes it
     mfu: float | None = None  # mean MFU over logging intervals; None without a peak FLOP/s
+    # Steps run by this command (recomputed ones included) and their tokens; less than the run's
+    # totals when the command resumed a run.
+    session_steps: int = 0
+    session_tokens: int = 0
 
     def lines(self) -> list[str]:
-        rate = self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+        rate = self.session_tokens / self.wall_s if self.wall_s > 0 else 0.0
         loss = "n/a" if self.first_loss is None else f"{self.first_loss:.3f} -> {self.last_loss:.3f}"
         committed = ", ".join(str(step) for step in self.committed_steps) or "none"
         mfu = "n/a (no peak FLOP/s known: set metrics.peak_flops_per_device)" if self.mfu is None else f"{self.mfu:.2%}"
+        ran = (f" in {self.wall_s:.0f} s" if self.session_steps == self.steps
+               else f"; this command ran {self.session_steps} steps in {self.wall_s:.0f} s")
         return [
-            f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f} s ({rate:,.0f} tokens/s)",
-            f"  loss {loss}; restarts {self.restarts}; skipped steps {self.skipped_steps}",
+            f"run {self.run_name}: {self.steps} steps, {self.tokens:,} tokens{ran} ({rate:,.0f} tokens/s)",
+            f"  loss {loss}; restarts {self.restarts} in this command; skipped steps {self.skipped_steps}",
             "  goodput {:.1%}: ".format(self.goodput.get("productive", 0.0) / max(self.goodput.get("total", 0.0), 1e-9))
             + ", ".join(f"{part} {self.goodput.get(part, 0.0):.1f} s" for part in GOODPUT_PARTS),
             f"  MFU {mfu}",
@@ -189,8 +195,11 @@ def stop_on_sigterm(config: Config, metrics_actor: Any) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodput: dict[str, float]) -> RunSummary:
+def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodput: dict[str, float],
+              started_at: float = 0.0) -> RunSummary:
+    """Summarize the run from its history; ``started_at`` (wall clock) is when this command started."""
     records = read_history(run_uri, config.storage.options)
+    this_command = [record for record in records if record.get("time", 0.0) >= started_at]
     losses = final_losses(records)
     steps = sorted(losses)
     latest_by_step = {record["step"]: record for record in records}
@@ -209,6 +218,8 @@ def summarize(config: Config, run_uri: str, wall_s: float, restarts: int, goodpu
         events=[event for record in records for event in record.get("events", [])],
         goodput=goodput,
         stopped=(steps[-1] if steps else 0) < config.train.steps,
+        session_steps=len(this_command),
+        session_tokens=sum(record["tokens"] for record in this_command),
     )
 
 
@@ -221,6 +232,7 @@ def export_controller_setting(name: str, value: float) -> None:
     """Set a Ray Train environment variable to the config's value, unless the user set it (their value wins)."""
     current = os.environ.get(name)
     if current is not None and current != _exported_settings.get(name):
+        logger.info("%s=%s from the environment overrides the config's %s", name, current, value)
         return
     os.environ[name] = _exported_settings[name] = str(value)
 
@@ -295,7 +307,7 @@ def run_training(config: Config, address: str | None = None, metrics_actor: Any 
     The metrics actor is created here unless the caller passes one; a caller
     that keeps the handle can scrape the final values after the run.
     """
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     run_uri = run_uri_of(config)
     check_not_aborted(config, run_uri)
     dataset_uri = prepare_dataset(config.data, absolute_uri(config.storage.uri), config.storage.options)
@@ -317,6 +329,6 @@ def run_training(config: Config, address: str | None = None, metrics_actor: Any 
 
     restarts = ray.get(metrics_actor.restarts.remote())
     goodput = ray.get(metrics_actor.goodput_parts.remote())
-    summary = summarize(config, run_uri, time.monotonic() - started, restarts, goodput)
+    summary = summarize(config, run_uri, time.monotonic() - started, restarts, goodput, started_at=started_at)
     summary.mfu = ray.get(metrics_actor.mean_mfu.remote())
     return summary

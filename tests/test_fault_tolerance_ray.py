@@ -232,7 +232,7 @@ def test_sigterm_to_worker_saves_and_run_finishes(tmp_path):
     assert {record["attempt"] for record in records} == {1, 2}
     text = log.read_text(encoding="utf-8", errors="replace")
     assert "received SIGTERM" in text
-    assert "restarts 1;" in text
+    assert "restarts 1 in this command;" in text
 
     reference_config = write_config(tmp_path, "worker-sigterm-reference", steps, **sections)
     assert run_train(reference_config, tmp_path / "reference.log") == 0, tail(tmp_path / "reference.log")

@@ -153,9 +153,31 @@ def test_stop_node_rejects_bad_grace():
         stop_node(grace_s=0)
 
 
-def test_stop_node_of_unknown_node_rejected(caplog: pytest.LogCaptureFixture):
+@pytest.fixture
+def auth_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Unset Ray's authentication variables for the test and restore them after, whatever stop-node sets."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_stop_node_of_unknown_node_rejected(auth_environment, caplog: pytest.LogCaptureFixture):
     assert cli_main(["stop-node", "--node-id", "0123abcd", "--grace-s", "1"]) == 2
     assert "no raylet of node 0123abcd runs on this machine" in caplog.text
+
+
+def test_stop_node_sends_token_when_one_exists(auth_environment, tmp_path):
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 64)
+    auth_environment.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    cli_main(["stop-node", "--node-id", "0123abcd", "--grace-s", "1"])
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+
+    # A mode the user chose is kept.
+    auth_environment.setenv("RAY_AUTH_MODE", "disabled")
+    cli_main(["stop-node", "--node-id", "0123abcd", "--grace-s", "1"])
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
 
 
 @pytest.mark.parametrize("grace", ["0", "-5", "nan", "inf", "soon"])
@@ -163,3 +185,8 @@ def test_stop_node_grace_must_be_positive(grace: str, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         cli_main(["stop-node", "--grace-s", grace])
     assert "not a positive number of seconds" in capsys.readouterr().err
+
+
+def test_stop_node_empty_node_id_rejected(caplog: pytest.LogCaptureFixture):
+    assert cli_main(["stop-node", "--node-id", "", "--grace-s", "1"]) == 2
+    assert "--node-id is empty" in caplog.text

@@ -171,3 +171,19 @@ def test_report_of_missing_run_fails(tmp_path):
     assert result.returncode == 1
     assert "no step history" in result.stdout
     assert not (tmp_path / "none.png").exists()
+
+
+def test_summary_rate_counts_this_command_only():
+    from service.driver import RunSummary  # noqa: PLC0415 (imports ray)
+
+    resumed = RunSummary(run_name="demo", run_uri="/tmp/demo", steps=120, tokens=491_520, wall_s=200.0, first_loss=5.0,
+                         last_loss=2.0, restarts=0, skipped_steps=0, committed_steps=[120], events=[], goodput={},
+                         stopped=False, session_steps=85, session_tokens=348_160)
+    first = resumed.lines()[0]
+    assert first == "run demo: 120 steps, 491,520 tokens; this command ran 85 steps in 200 s (1,741 tokens/s)"
+    assert "restarts 0 in this command" in resumed.lines()[1]
+
+    fresh = RunSummary(run_name="demo", run_uri="/tmp/demo", steps=120, tokens=491_520, wall_s=200.0, first_loss=5.0,
+                       last_loss=2.0, restarts=0, skipped_steps=0, committed_steps=[120], events=[], goodput={},
+                       stopped=False, session_steps=120, session_tokens=491_520)
+    assert fresh.lines()[0] == "run demo: 120 steps, 491,520 tokens in 200 s (2,458 tokens/s)"

@@ -153,6 +153,8 @@ def _request_drain(raylet: Raylet, deadline_s: float) -> None:
                                        "stalwart stop-node", int(deadline_s * 1000), timeout=DRAIN_TIMEOUT_S)
     if not accepted:
         raise RuntimeError(f"the GCS rejected the drain: {message}")
+    logger.warning("node %s: the GCS accepted the drain (reason preemption, deadline in %.0f s)",
+                   raylet.node_id, deadline_s - time.time())
 
 
 def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
@@ -191,10 +193,12 @@ def stop_node(node_id: str | None = None, grace_s: float = 130.0, drain: bool = 
     if not (math.isfinite(grace_s) and grace_s > 0):
         raise ValueError(f"grace_s={grace_s} must be a positive number of seconds")
     deadline = time.monotonic() + grace_s
-    raylets = [raylet for raylet in local_raylets() if node_id is None or raylet.node_id == node_id]
+    running_here = local_raylets()
+    raylets = [raylet for raylet in running_here if node_id is None or raylet.node_id == node_id]
     if not raylets:
-        raise RuntimeError(f"no raylet{f' of node {node_id}' if node_id else ''} runs on this machine. Run this on a "
-                           "Ray node, or pass the node id of a raylet that runs here")
+        found = ", ".join(raylet.node_id for raylet in running_here) or "none"
+        raise RuntimeError(f"no raylet{f' of node {node_id}' if node_id is not None else ''} runs on this machine "
+                           f"(raylets here: {found}). Run this on a Ray node, or pass the node id of a raylet that runs here")
     if len(raylets) > 1:
         raise RuntimeError(f"{len(raylets)} raylets run on this machine ({', '.join(r.node_id for r in raylets)}). "
                            "Pass --node-id to choose one")
@@ -219,7 +223,7 @@ def stop_node(node_id: str | None = None, grace_s: float = 130.0, drain: bool = 
     if not signalled:
         logger.warning("node %s: no Ray Train worker process runs below its raylet (pid %d)", raylet.node_id, raylet.pid)
         return []
-    logger.warning("node %s: sent SIGTERM to Ray Train worker processes %s; waiting up to %.0f s for them to exit",
+    logger.warning("node %s: sent SIGTERM to Ray Train worker processes %s, and waits up to %.0f s for them to exit",
                    raylet.node_id, sorted(signalled), deadline - time.monotonic())
 
     def running() -> list[int]:
