@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.goodput import GoodputTracker  # noqa: E402
+from workers.procfs import is_running  # noqa: E402
 from workers.reporting import read_history  # noqa: E402
 
 
@@ -66,14 +67,6 @@ def rank_pid(run_uri: str, rank: int) -> int | None:
     return int(json.loads(files[-1].read_text())["pid"])
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def drive_by_clock(process: subprocess.Popen, run_uri: str, wall_s: float, interval_s: float) -> int:
     """Send SIGKILL to rank 1 every ``interval_s`` seconds until ``wall_s``, then SIGTERM to the driver; return the kill count."""
     started = time.monotonic()
@@ -85,7 +78,7 @@ def drive_by_clock(process: subprocess.Popen, run_uri: str, wall_s: float, inter
             continue
         pid = rank_pid(run_uri, 1)
         # A pid already killed means the next attempt has not started yet: try again shortly.
-        if pid is None or pid in killed or not process_alive(pid):
+        if pid is None or pid in killed or not is_running(pid):
             continue
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -230,45 +232,43 @@ def assert_same_batches(actual: list[MicroBatch], expected: list[MicroBatch]) ->
         assert torch.equal(got.targets, want.targets)
 
 
-@pytest.mark.parametrize("enabled", [True, False], ids=["prefetch", "direct"])
-def test_prefetcher_returns_the_batches_a_direct_read_gives(tmp_path: Path, enabled: bool):
+@contextmanager
+def open_prefetcher(tmp_path: Path, enabled: bool = True) -> Iterator[tuple[TokenDataset, BatchPrefetcher]]:
     dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
     prefetcher = BatchPrefetcher(dataset, enabled=enabled)
-    steps = [[[0, 1], [2]], [[3], [4, 5]], [[5, 0]]]
     try:
+        yield dataset, prefetcher
+    finally:
+        prefetcher.close()
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["prefetch", "direct"])
+def test_prefetcher_returns_the_batches_a_direct_read_gives(tmp_path: Path, enabled: bool):
+    steps = [[[0, 1], [2]], [[3], [4, 5]], [[5, 0]]]
+    with open_prefetcher(tmp_path, enabled) as (dataset, prefetcher):
         for index, chunks in enumerate(steps):
             batches = prefetcher.load(chunks)
             if index + 1 < len(steps):
                 prefetcher.prefetch(steps[index + 1])
             assert_same_batches(batches, [dataset.micro_batch(chunk) for chunk in chunks])
-    finally:
-        prefetcher.close()
 
 
 def test_prefetch_of_other_samples_is_dropped(tmp_path: Path):
     # A rollback changes which samples the next step takes after the prefetch started.
-    dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
-    prefetcher = BatchPrefetcher(dataset)
-    try:
+    with open_prefetcher(tmp_path) as (dataset, prefetcher):
         prefetcher.prefetch([[1, 2]])
         batches = prefetcher.load([[3, 4]])
         assert_same_batches(batches, [dataset.micro_batch([3, 4])])
         # The dropped prefetch is not served later either.
         prefetcher.prefetch([[0]])
         assert_same_batches(prefetcher.load([[0]]), [dataset.micro_batch([0])])
-    finally:
-        prefetcher.close()
 
 
 def test_prefetch_failure_raises_in_load(tmp_path: Path):
-    dataset = TokenDataset(prepared_dataset(tmp_path), SEQ_LEN)
-    prefetcher = BatchPrefetcher(dataset)
-    try:
+    with open_prefetcher(tmp_path) as (dataset, prefetcher):
         prefetcher.prefetch([[dataset.num_samples]])
         with pytest.raises(IndexError, match="out of range"):
             prefetcher.load([[dataset.num_samples]])
-    finally:
-        prefetcher.close()
 
 
 def test_samples_from_object_storage_match_local(tmp_path: Path, s3_server, s3_bucket: str):

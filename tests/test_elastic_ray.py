@@ -25,9 +25,10 @@ from service.catalog import list_checkpoints, read_commit_record
 from service.config import config_from_dict
 from service.driver import RunSummary, run_training
 from service.storage import filesystem, read_json
-from workers.preemption import stop_node
-from workers.procfs import command_line
+from workers.preemption import request_drain, stop_node
+from workers.procfs import is_running
 from workers.reporting import final_losses, read_history
+from workers.train_loop import rank_process_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -208,7 +209,7 @@ def test_remove_node_fault_shrinks_run(cluster, tmp_path):
 
     assert summary.steps == REMOVE_NODE_STEPS
     run_uri = f"{storage}/remove-node"
-    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-0001-rank-00001.json")
+    rank1 = read_json(filesystem(run_uri), rank_process_file(run_uri, 1, 1))
     assert alive_before - _alive_worker_node_ids() == {rank1["node_id"]}, "the node of rank 1 is still alive"
     assert filesystem(run_uri).exists(f"{run_uri}/faults/remove_node-rank1-step{REMOVE_NODE_AT_STEP}.json")
     records = read_history(run_uri)
@@ -225,16 +226,6 @@ def test_remove_node_fault_shrinks_run(cluster, tmp_path):
 
 DRAIN_STEPS = 60
 DRAIN_AT_STEP = 6
-
-
-def _drain_node(node_id: str, deadline_s: float) -> None:
-    """Ask the GCS to drain a node for preemption, as a spot reclaim or the autoscaler does."""
-    from ray.core.generated import autoscaler_pb2  # noqa: PLC0415
-
-    gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
-    accepted, message = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                       "spot reclaim (test)", int(time.time() * 1000 + deadline_s * 1000))
-    assert accepted, f"the drain request was rejected: {message}"
 
 
 def _preemption_commits(run_uri: str) -> list[int]:
@@ -263,9 +254,9 @@ def test_preempted_node_saves_then_run_resumes(cluster, tmp_path, stop):
     at_two_ranks = lambda r: r["step"] >= DRAIN_AT_STEP and r["world_size"] == 2  # noqa: E731
     _wait(lambda: bool(_records_where(run_uri, at_two_ranks)), 300, f"step {DRAIN_AT_STEP} at 2 ranks", errors)
     attempt = _records_where(run_uri, at_two_ranks)[-1]["attempt"]
-    rank1 = read_json(filesystem(run_uri), f"{run_uri}/ranks/attempt-{attempt:04d}-rank-{1:05d}.json")
+    rank1 = read_json(filesystem(run_uri), rank_process_file(run_uri, attempt, 1))
     if stop == "ray-drain":
-        _drain_node(rank1["node_id"], deadline_s=120)
+        request_drain(rank1["node_id"], ray.get_runtime_context().gcs_address, time.time() + 120, "spot reclaim (test)")
         # Ray Train polls the drain state every 5 s, and the ranks ask Ray Train at every logging interval.
         _wait(lambda: bool(_preemption_commits(run_uri)), 120, "a checkpoint saved for the preemption", errors)
     elif stop == "stop-node":
@@ -274,11 +265,11 @@ def test_preempted_node_saves_then_run_resumes(cluster, tmp_path, stop):
                                "--grace-s", "60"], capture_output=True, text=True, timeout=120, check=False)
         assert hook.returncode == 0, hook.stderr[-2000:]
         assert "the GCS accepted the drain" in hook.stderr, hook.stderr[-2000:]
-        assert not command_line(rank1["pid"]), "rank 1 is still running"
+        assert not is_running(rank1["pid"]), "rank 1 is still running"
         assert _preemption_commits(run_uri), "the workers exited without a checkpoint"
     else:
         assert stop_node(rank1["node_id"], grace_s=60, drain=False) == [], "workers still run after the grace period"
-        assert not command_line(rank1["pid"]), "rank 1 is still running"
+        assert not is_running(rank1["pid"]), "rank 1 is still running"
         assert _preemption_commits(run_uri), "the workers exited without a checkpoint"
     saved_step = max(_preemption_commits(run_uri))
     if stop != "sigterm-only":

@@ -16,6 +16,7 @@ import yaml
 
 from service.catalog import checkpoint_uri, latest_committed, read_commit_record
 from service.storage import filesystem
+from workers.procfs import is_running
 from workers.reporting import final_losses, read_history
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -188,14 +189,6 @@ def test_straggler_flagged(tmp_path):
     assert "straggler: rank 0" not in text
 
 
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sigterm_to_worker_saves_and_run_finishes(tmp_path):
     steps, grace_s = 30, 60.0
     # Steps of 0.2 s leave time between the signal and the checkpoint at step 20, so the stop
@@ -213,9 +206,9 @@ def test_sigterm_to_worker_saves_and_run_finishes(tmp_path):
         os.kill(rank1["pid"], signal.SIGTERM)
         read_rank_process(run_uri, 2, 1, process)
         deadline = time.monotonic() + 60
-        while process_exists(rank1["pid"]) and time.monotonic() < deadline:
+        while is_running(rank1["pid"]) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not process_exists(rank1["pid"]), "the preempted worker process still runs in the next attempt"
+        assert not is_running(rank1["pid"]), "the preempted worker process still runs in the next attempt"
         status = process.wait(timeout=400)
     finally:
         kill_session(process)

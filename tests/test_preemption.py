@@ -17,7 +17,7 @@ from service.metrics import RunMetrics
 from workers import preemption
 from workers.faults import find_raylet
 from workers.preemption import stop_node
-from workers.procfs import as_raylet, command_line, parent_pid, start_time, train_worker_pids
+from workers.procfs import as_raylet, is_running, parent_pid, start_time, train_worker_pids
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def fake_raylet() -> Iterator[tuple[subprocess.Popen, int]]:
         yield raylet, worker_pid
     finally:
         for pid in (raylet.pid, worker_pid if "worker_pid" in locals() else None):
-            if pid is not None and command_line(pid):
+            if pid is not None and is_running(pid):
                 os.kill(pid, signal.SIGKILL)
         raylet.wait(timeout=10)
 
@@ -144,7 +144,7 @@ def test_stop_node_signals_workers_below_raylet(fake_raylet, caplog: pytest.LogC
 
     # No GCS listens at the fake raylet's GCS address: the drain fails or times out, and the worker still gets its SIGTERM.
     assert stop_node("fa6e" * 14, grace_s=5) == []
-    assert not command_line(worker_pid), "the worker still runs"
+    assert not is_running(worker_pid), "the worker is still running"
     assert "without the drain" in caplog.text
 
 

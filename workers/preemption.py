@@ -33,7 +33,7 @@ from types import FrameType
 
 import ray
 
-from workers.procfs import Raylet, command_line, local_raylets, start_time, train_worker_pids
+from workers.procfs import Raylet, is_running, local_raylets, start_time, train_worker_pids
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +144,21 @@ class SigtermWatcher:
 DRAIN_TIMEOUT_S = 10.0
 
 
-def _request_drain(raylet: Raylet, deadline_s: float) -> None:
-    """Ask the GCS to drain the node, so Ray schedules nothing new on it and Ray Train learns of the preemption."""
+def request_drain(node_id: str, gcs_address: str, deadline_s: float, message: str = "stalwart stop-node") -> None:
+    """Ask the GCS to drain a node for preemption, as the autoscaler and ``ray drain-node`` do.
+
+    Ray then schedules nothing new on the node, and Ray Train informs its workers. ``deadline_s``
+    is a wall-clock time. Raises ``RuntimeError`` when the GCS rejects the drain.
+    """
     from ray.core.generated import autoscaler_pb2  # noqa: PLC0415
 
-    gcs = ray._raylet.GcsClient(address=raylet.gcs_address)
-    accepted, message = gcs.drain_node(raylet.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                       "stalwart stop-node", int(deadline_s * 1000), timeout=DRAIN_TIMEOUT_S)
+    gcs = ray._raylet.GcsClient(address=gcs_address)
+    accepted, rejection = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                         message, int(deadline_s * 1000), timeout=DRAIN_TIMEOUT_S)
     if not accepted:
-        raise RuntimeError(f"the GCS rejected the drain: {message}")
+        raise RuntimeError(f"the GCS rejected the drain of node {node_id}: {rejection}")
     logger.warning("node %s: the GCS accepted the drain (reason preemption, deadline in %.0f s)",
-                   raylet.node_id, deadline_s - time.time())
+                   node_id, deadline_s - time.time())
 
 
 def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
@@ -163,7 +167,7 @@ def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
 
     def drain() -> None:
         try:
-            _request_drain(raylet, time.time() + grace_s)
+            request_drain(raylet.node_id, raylet.gcs_address, time.time() + grace_s)
         except Exception as error:  # noqa: BLE001 (logged below; the workers get their SIGTERM regardless)
             errors.append(error)
 
@@ -227,8 +231,7 @@ def stop_node(node_id: str | None = None, grace_s: float = 130.0, drain: bool = 
                    raylet.node_id, sorted(signalled), deadline - time.monotonic())
 
     def running() -> list[int]:
-        # A zombie has an empty command line, so a process that exited but was not yet reaped counts as exited.
-        return [pid for pid, started in signalled.items() if command_line(pid) and start_time(pid) == started]
+        return [pid for pid, started in signalled.items() if is_running(pid) and start_time(pid) == started]
 
     still_running = running()
     while still_running and time.monotonic() < deadline:

@@ -26,6 +26,11 @@ def command_line(pid: int) -> list[str]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
+def is_running(pid: int) -> bool:
+    """Return whether process ``pid`` runs; a zombie, which has an empty command line, does not."""
+    return bool(command_line(pid))
+
+
 def _stat_fields(pid: int) -> list[bytes] | None:
     """Return the fields of /proc/PID/stat after the command name, or None when the process is gone."""
     try:

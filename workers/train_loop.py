@@ -116,16 +116,21 @@ def next_attempt(run_uri: str, storage_options: dict[str, Any], context: WorkerC
     return int(number.item())
 
 
+def rank_process_file(run_uri: str, attempt: int, world_rank: int) -> str:
+    """Return the path of the file with the process id and Ray node of one rank in one attempt."""
+    return join(run_uri, RANKS_DIR, f"attempt-{attempt:04d}-rank-{world_rank:05d}.json")
+
+
 def report_end_to_ray(step: int, tokens_seen: int, **extra: Any) -> None:
     """Report the step an attempt ended at to Ray Train, once per attempt.
 
     Stalwart's catalog in storage, not Ray, decides what to resume from, so no
     checkpoint is handed to Ray (it would go into Ray's run snapshot, and Ray refuses
     to start the next driver session once retention has deleted it). Nor is each
-    commit reported: in Ray 2.60 a worker's results wait in a queue of one until the
-    controller polls the worker group (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so
-    a report made within one poll interval of the previous one blocks until that poll.
-    With a save every second, that blocked the step loop about 1 s per save.
+    commit reported. In Ray 2.60 a worker's results wait in a queue of one until the
+    controller polls the worker group, every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``. So a
+    report made within one poll interval of the previous one blocks until that poll, and
+    with a save every second that blocked the step loop about 1 s per save.
     """
     ray.train.report({"step": step, "tokens_seen": tokens_seen, **extra})
 
@@ -287,8 +292,7 @@ class Trainer:
 
     def record_rank_process(self) -> None:
         """Write this rank's process id and Ray node to storage, for operators and tests that signal one rank."""
-        path = join(self.run_uri, RANKS_DIR, f"attempt-{self.attempt:04d}-rank-{self.context.world_rank:05d}.json")
-        write_json(self.fs, path, {
+        write_json(self.fs, rank_process_file(self.run_uri, self.attempt, self.context.world_rank), {
             "attempt": self.attempt, "rank": self.context.world_rank, "world_size": self.context.world_size,
             "pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
             "started_at": self.started_at,
