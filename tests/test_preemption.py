@@ -17,7 +17,7 @@ from service.metrics import RunMetrics
 from workers import preemption
 from workers.faults import find_raylet
 from workers.preemption import stop_node
-from workers.procfs import as_raylet, is_running, parent_pid, start_time, train_worker_pids
+from workers.procfs import as_raylet, command_line, is_running, parent_pid, start_time, train_worker_pids
 
 
 @pytest.fixture
@@ -129,6 +129,9 @@ def fake_raylet() -> Iterator[tuple[subprocess.Popen, int]]:
                                "--gcs-address=127.0.0.1:9", FAKE_RAYLET], stdout=subprocess.PIPE, text=True)
     try:
         worker_pid = int(raylet.stdout.readline())
+        # The shell prints the pid when it forks, before `exec -a` gives the process its title.
+        assert wait_until(lambda: (command_line(worker_pid) or [""])[0] == "ray::RayTrainWorker"), \
+            f"the fake worker {worker_pid} never took its title"
         yield raylet, worker_pid
     finally:
         for pid in (raylet.pid, worker_pid if "worker_pid" in locals() else None):

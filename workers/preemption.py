@@ -162,7 +162,11 @@ def request_drain(node_id: str, gcs_address: str, deadline_s: float, message: st
 
 
 def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
-    """Request the drain on a daemon thread and wait at most DRAIN_TIMEOUT_S (or ``grace_s``) for it; log a failure."""
+    """Request the drain on a daemon thread and wait for it at most DRAIN_TIMEOUT_S or half of ``grace_s``; log a failure.
+
+    The cap on half the grace leaves the workers the other half to save and exit when the GCS
+    does not answer.
+    """
     errors: list[BaseException] = []
 
     def drain() -> None:
@@ -173,10 +177,11 @@ def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
 
     thread = threading.Thread(target=drain, name="stalwart-drain", daemon=True)
     thread.start()
-    thread.join(timeout=min(DRAIN_TIMEOUT_S, grace_s))
+    wait_s = min(DRAIN_TIMEOUT_S, grace_s / 2)
+    thread.join(timeout=wait_s)
     if thread.is_alive():
-        logger.warning("node %s: the GCS at %s did not respond to the drain request within %.0f s, so the workers are "
-                       "stopped without the drain", raylet.node_id, raylet.gcs_address, min(DRAIN_TIMEOUT_S, grace_s))
+        logger.warning("node %s: the GCS at %s did not respond to the drain request within %.1f s, so the workers are "
+                       "stopped without the drain", raylet.node_id, raylet.gcs_address, wait_s)
     elif errors:
         logger.warning("node %s: the drain request to the GCS at %s failed, so the workers are stopped without the "
                        "drain: %s", raylet.node_id, raylet.gcs_address, errors[0])
@@ -190,7 +195,7 @@ def stop_node(node_id: str | None = None, grace_s: float = 130.0, drain: bool = 
     workers (Ray 2.60), and a shell there ignores it. Here each worker instead saves a
     checkpoint after its next step and ends its attempt (see the module docstring). The drain's
     deadline, which Ray Train enforces, is ``grace_s`` from now, and the drain request itself
-    takes at most DRAIN_TIMEOUT_S of it. Returns the pids still running after ``grace_s``.
+    takes at most DRAIN_TIMEOUT_S or half of it. Returns the pids still running after ``grace_s``.
     Raises ``ValueError`` for a ``grace_s`` that is not a positive number, and ``RuntimeError``
     when no raylet (or several, without ``node_id``) runs on this machine.
     """
