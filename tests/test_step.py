@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from workers.data import IGNORE_INDEX, MicroBatch
 from workers.model import ModelArgs, Transformer, build_model
 from workers.parallel import apply_fsdp
-from workers.step import clip_gradients, compute_gradients, forward_backward, train_step
+from workers.step import apply_update, compute_gradients, forward_backward, train_step
 
 ARGS = ModelArgs(n_layers=2, dim=32, n_heads=4, vocab_size=64, seq_len=128)
 MODEL_SEED = 11
@@ -268,25 +268,27 @@ def test_nan_loss_skips_optimizer_step():
         torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=lambda text: f"{name}: {text}")
 
 
-def test_clip_returns_norm_before_clipping():
+def test_clip_uses_norm_before_clipping():
     model = build_model(ARGS, seed=MODEL_SEED)
-    forward_backward(model, [make_batch(TWO_SAMPLES)], CPU)
-    unclipped = torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in model.parameters()]))
+    result = compute_gradients(model, [make_batch(TWO_SAMPLES)], device=CPU)
+    # The accumulated gradients times grad_factor are the mean loss's gradients.
+    unclipped = result.grad_factor * torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in model.parameters()]))
     assert unclipped > 1e-3
+    torch.testing.assert_close(torch.tensor(result.grad_norm), unclipped, rtol=RTOL, atol=0)
 
-    norm = clip_gradients(model, max_norm=1e-3)
+    # lr=0: the step leaves the weights alone, and the gradients show what was clipped.
+    apply_update(model, torch.optim.SGD(model.parameters(), lr=0.0), result, lr=0.0, grad_clip=1e-3)
 
     clipped = torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in model.parameters()]))
-    torch.testing.assert_close(norm, unclipped, rtol=RTOL, atol=0)
     torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)
 
 
-def test_clip_disabled_keeps_gradients():
+def test_clip_disabled_only_rescales_gradients():
     model = build_model(ARGS, seed=MODEL_SEED)
-    forward_backward(model, [make_batch(TWO_SAMPLES)], CPU)
+    result = compute_gradients(model, [make_batch(TWO_SAMPLES)], device=CPU)
     before = gradients(model)
 
-    clip_gradients(model, max_norm=None)
+    apply_update(model, torch.optim.SGD(model.parameters(), lr=0.0), result, lr=0.0, grad_clip=None)
 
     for name, grad in gradients(model).items():
-        assert torch.equal(grad, before[name]), name
+        assert torch.equal(grad, before[name] * result.grad_factor), name

@@ -128,14 +128,6 @@ def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
     return norm
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Clip to ``max_norm`` (when set) and return the global gradient norm before clipping."""
-    norm = gradient_norm(model)
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(_parameters_with_grad(model), max_norm, norm, foreach=True)
-    return norm
-
-
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
