@@ -85,6 +85,11 @@ class DataSection(Section):
     tokenizer: str = Field("byte", description="'byte' (byte-level, no download) or a path to a Hugging Face tokenizer.json.")
     text_field: str = Field("text", description="Field holding the text in JSONL and Parquet records.")
     max_files: PositiveInt | None = Field(None, description="Use at most this many input files (sorted by path); None uses all.")
+    read_retry_s: float | None = Field(
+        None, gt=0, description="Seconds a read of the prepared dataset, or of the run's state when an attempt starts, "
+        "may keep failing on a storage error (retried with backoff) before the attempt fails. None: half the hang "
+        "timeout (fault_tolerance.hang_timeout_s, or hang_timeout_floor_s when that is derived).",
+    )
 
 
 class TrainSection(Section):
@@ -450,6 +455,14 @@ class Config(Section):
                     f"or choose train.global_batch as a multiple of micro_batch x every size (for example "
                     f"{self.train.micro_batch * _lcm(*self.scaling.world_sizes)})"
                 )
+        hang_timeout_s = self.fault_tolerance.collective_timeout_s
+        if self.data.read_retry_s is not None and self.data.read_retry_s >= hang_timeout_s:
+            setting = "hang_timeout_s" if self.fault_tolerance.hang_timeout_s is not None else "hang_timeout_floor_s"
+            raise ValueError(
+                f"data.read_retry_s={self.data.read_retry_s:g} is not below fault_tolerance.{setting}={hang_timeout_s:g}, "
+                "so the hang watchdog would end a step that waits for storage before its retries do; lower "
+                f"data.read_retry_s or raise fault_tolerance.{setting}"
+            )
         if self.schedule.warmup_steps > self.train.steps:
             raise ValueError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.steps={self.train.steps}; "
@@ -491,6 +504,13 @@ class Config(Section):
                 raise ValueError("model.tie_embeddings=true is not supported with parallel.tensor_parallel_size > 1; "
                                  "untie the embeddings or set tensor_parallel_size=1")
         return self
+
+    @property
+    def data_read_retry_s(self) -> float:
+        """How long storage reads of the data and the run's state retry: ``data.read_retry_s`` or half the hang timeout."""
+        if self.data.read_retry_s is not None:
+            return self.data.read_retry_s
+        return self.fault_tolerance.collective_timeout_s / 2
 
     @property
     def grad_accum_steps(self) -> int:

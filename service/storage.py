@@ -7,12 +7,22 @@ Paths stay strings joined with ``/`` because ``pathlib`` collapses the ``//`` in
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that retrying cannot fix: the path or the permission is wrong, not the connection.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def join(base: str, *parts: str) -> str:
@@ -66,3 +76,48 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path).decode("utf-8"))
+
+
+def is_transient(error: BaseException) -> bool:
+    """Return whether ``error`` is a failed connection or timeout, which a retry may fix, rather than a wrong path or permission."""
+    if isinstance(error, _PERMANENT):
+        return False
+    if isinstance(error, OSError):  # includes ConnectionError and TimeoutError
+        return True
+    try:  # what s3fs raises when the endpoint is down, before it maps errors to OSError
+        import aiohttp
+        import botocore.exceptions
+    except ImportError:
+        return False
+    return isinstance(error, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, aiohttp.ClientError))
+
+
+def with_retries(call: Callable[[], T], *, what: str, budget_s: float, setting: str,
+                 first_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> T:
+    """Run ``call``, and retry it after a transient storage error with doubling waits until ``budget_s`` has passed.
+
+    The last error is raised once the budget is spent, with a message that names ``setting``.
+    Other errors are raised at once.
+    """
+    started = time.monotonic()
+    backoff_s = first_backoff_s
+    failures = 0
+    while True:
+        try:
+            result = call()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            failures += 1
+            waited_s = time.monotonic() - started
+            if waited_s + backoff_s > budget_s:
+                raise OSError(f"{what}: storage requests failed for {waited_s:.0f} s ({failures} tries), past "
+                              f"{setting}={budget_s:g}; check that the storage is reachable, or raise {setting}. "
+                              f"Last error: {type(error).__name__}: {error}") from error
+            logger.warning("%s failed (%s: %s); retry %d in %.0f s", what, type(error).__name__, error, failures, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(max_backoff_s, backoff_s * 2)
+        else:
+            if failures:
+                logger.warning("%s succeeded after %d failed tries in %.0f s", what, failures, time.monotonic() - started)
+            return result

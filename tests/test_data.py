@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 import service.prepare
 from service.config import DataSection
 from service.prepare import prepare_dataset
+from s3_server import TcpForwarder
+from service.storage import with_retries
 from workers.data import IGNORE_INDEX, BatchPrefetcher, MicroBatch, SampleOrder, TokenDataset, rank_micro_batches
 from workers.tokenizer import BYTE_EOS_ID
 
@@ -283,3 +286,69 @@ def test_samples_from_object_storage_match_local(tmp_path: Path, s3_server, s3_b
     assert_same_batches([remote.micro_batch(indices)], [local.micro_batch(indices)])
     with pytest.raises(IndexError, match="out of range"):
         remote.micro_batch([0, remote.num_samples])
+
+
+@pytest.fixture
+def dataset_behind_forwarder(tmp_path: Path, s3_server, s3_bucket: str) -> Iterator[tuple[str, dict, TcpForwarder]]:
+    """A dataset on the S3 server, reached through a TCP forwarder that a test can stop and start again."""
+    data = DataSection(paths=[str(path) for path in write_corpus(tmp_path / "corpus")])
+    dataset_uri = prepare_dataset(data, f"s3://{s3_bucket}/storage", s3_server.storage_options())
+    forwarder = TcpForwarder(tmp_path / "forwarder.log", target_port=s3_server.port)
+    forwarder.start()
+    # One quick try per request, so that the retries under test are Stalwart's, not botocore's.
+    options = s3_server.storage_options(forwarder.port, {"connect_timeout": 1, "read_timeout": 5,
+                                                         "retries": {"max_attempts": 1}})
+    try:
+        yield dataset_uri, options, forwarder
+    finally:
+        forwarder.stop()
+
+
+def test_samples_read_through_outage(dataset_behind_forwarder, caplog: pytest.LogCaptureFixture):
+    dataset_uri, options, forwarder = dataset_behind_forwarder
+    dataset = TokenDataset(dataset_uri, SEQ_LEN, options, retry_s=60)
+    indices = list(range(dataset.num_samples))
+    expected = dataset.samples(indices)
+
+    forwarder.stop()
+    restart = threading.Timer(3.0, forwarder.start)
+    restart.start()
+    try:
+        assert np.array_equal(dataset.samples(indices), expected)
+    finally:
+        restart.join(timeout=60)
+    assert "retry 1 in" in caplog.text
+    assert "succeeded after" in caplog.text
+
+
+def test_samples_outage_past_budget_fails(dataset_behind_forwarder):
+    dataset_uri, options, forwarder = dataset_behind_forwarder
+    dataset = TokenDataset(dataset_uri, SEQ_LEN, options, retry_s=2)
+    forwarder.stop()
+    with pytest.raises(OSError, match=r"past data.read_retry_s=2; check that the storage is reachable"):
+        dataset.samples([0, 1])
+    with pytest.raises(OSError, match="past data.read_retry_s=2"):
+        dataset.sample(0)
+
+
+def test_only_transient_storage_errors_are_retried():
+    calls: list[int] = []
+
+    def missing() -> bytes:
+        calls.append(1)
+        raise FileNotFoundError("s3://bucket/storage/shard-00000.bin")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, what="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01)
+    assert len(calls) == 1, "a missing file was retried"
+
+    outcomes: list[Exception | bytes] = [ConnectionResetError("reset by peer"), TimeoutError("timed out"), b"tokens"]
+
+    def flaky() -> bytes:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert with_retries(flaky, what="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01) == b"tokens"
+    assert outcomes == []

@@ -11,18 +11,20 @@ neither repeats nor skips a sample.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from service.storage import filesystem, is_local, join, read_json
+from service.storage import filesystem, is_local, join, read_json, with_retries
 
 IGNORE_INDEX = -100
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,15 @@ class MicroBatch:
 class TokenDataset:
     """Fixed-length samples over the token shards of a prepared dataset."""
 
-    def __init__(self, dataset_uri: str, seq_len: int, storage_options: dict[str, Any] | None = None):
+    def __init__(self, dataset_uri: str, seq_len: int, storage_options: dict[str, Any] | None = None,
+                 retry_s: float = 0.0):
+        """``retry_s``: how long reads from object storage retry a storage error (``data.read_retry_s``)."""
         self.uri = dataset_uri
         self.seq_len = seq_len
+        self.retry_s = retry_s
         self._fs = filesystem(dataset_uri, storage_options)
-        self.manifest = read_json(self._fs, join(dataset_uri, "manifest.json"))
+        manifest_uri = join(dataset_uri, "manifest.json")
+        self.manifest = self._retried(lambda: read_json(self._fs, manifest_uri), f"reading {manifest_uri}")
         self._dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self._shard_uris = [join(dataset_uri, shard["name"]) for shard in self.manifest["shards"]]
         counts = [max(0, (shard["num_tokens"] - 1) // seq_len) for shard in self.manifest["shards"]]
@@ -63,8 +69,15 @@ class TokenDataset:
                 self._memmaps[shard] = np.memmap(self._shard_uris[shard], dtype=self._dtype, mode="r")
             return np.asarray(self._memmaps[shard][start : start + count])
         itemsize = self._dtype.itemsize
-        raw = self._fs.cat_file(self._shard_uris[shard], start=start * itemsize, end=(start + count) * itemsize)
+        uri = self._shard_uris[shard]
+        raw = self._retried(lambda: self._fs.cat_file(uri, start=start * itemsize, end=(start + count) * itemsize),
+                            f"reading {uri}")
         return np.frombuffer(raw, dtype=self._dtype)
+
+    def _retried(self, call: Callable[[], T], what: str) -> T:
+        if self.retry_s <= 0:
+            return call()
+        return with_retries(call, what=what, budget_s=self.retry_s, setting="data.read_retry_s")
 
     def _locate(self, index: int) -> tuple[int, int]:
         """Return (shard, first token) of global sample ``index``."""
@@ -85,10 +98,11 @@ class TokenDataset:
         itemsize = self._dtype.itemsize
         places = [self._locate(index) for index in indices]
         # One request per sample, in flight together: fsspec runs them on its event loop.
-        raw = self._fs.cat_ranges([self._shard_uris[shard] for shard, _ in places],
-                                  [offset * itemsize for _, offset in places],
-                                  [(offset + self.seq_len + 1) * itemsize for _, offset in places],
-                                  on_error="raise")
+        raw = self._retried(lambda: self._fs.cat_ranges([self._shard_uris[shard] for shard, _ in places],
+                                                        [offset * itemsize for _, offset in places],
+                                                        [(offset + self.seq_len + 1) * itemsize for _, offset in places],
+                                                        on_error="raise"),
+                            f"reading {len(places)} samples of {self.uri}")
         return np.stack([np.frombuffer(chunk, dtype=self._dtype) for chunk in raw]).astype(np.int64)
 
     def micro_batch(self, sample_indices: list[int] | tuple[int, ...]) -> MicroBatch:

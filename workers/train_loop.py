@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from service.catalog import committed_newest_first, read_commit_record
 from service.config import Config
-from service.storage import filesystem, join, read_json, write_json
+from service.storage import filesystem, join, read_json, with_retries, write_json
 from workers.async_save import Checkpointer
 from workers.checkpoint import SaveOutcome, TrainState, load_checkpoint, load_newest_valid, seed_rank_rng
 from workers.data import BatchPrefetcher, SampleOrder, TokenDataset, rank_micro_batches
@@ -197,7 +197,8 @@ class Trainer:
             metrics_actor=self.metrics_actor, log_prefix=f"run={config.run.name} attempt={self.attempt} ",
         )
 
-        self.dataset = TokenDataset(loop_config["dataset_uri"], config.model.seq_len, self.storage_options)
+        self.dataset = TokenDataset(loop_config["dataset_uri"], config.model.seq_len, self.storage_options,
+                                    retry_s=config.data_read_retry_s)
         self.order = SampleOrder(self.dataset.num_samples, config.run.seed)
         self.prefetcher = BatchPrefetcher(self.dataset, enabled=config.train.prefetch, pin_memory=use_gpu)
         self.monitor = build_spike_monitor(config)
@@ -264,7 +265,8 @@ class Trainer:
 
     def refuse_if_aborted(self) -> None:
         marker = join(self.run_uri, ABORT_FILE)
-        if self.fs.exists(marker):
+        if with_retries(lambda: self.fs.exists(marker), what=f"checking {marker}", budget_s=self.config.data_read_retry_s,
+                        setting="data.read_retry_s"):
             reason = read_json(self.fs, marker).get("reason", "")
             raise SpikeAbort(f"run {self.config.run.name} was aborted earlier: {reason}. Delete {marker} to resume it")
 
