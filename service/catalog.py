@@ -206,7 +206,15 @@ def read_commit_record(fs: fsspec.AbstractFileSystem, checkpoint_id: str) -> Com
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointIntegrityError(f"{path} is not valid JSON: {error}") from None
-    return CommitRecord.from_json(payload, path)
+    record = CommitRecord.from_json(payload, path)
+    folder_step = parse_step(_base_name(checkpoint_id))
+    if folder_step is not None and folder_step != record.step:
+        # A copied or renamed folder would otherwise rank as a newer checkpoint than it is.
+        raise CheckpointIntegrityError(
+            f"{path} records step {record.step}, but its folder is for step {folder_step}; the folder was copied or "
+            f"renamed. Rename it back to {checkpoint_dir_name(record.step)} or delete it"
+        )
+    return record
 
 
 def save_dir_uri(checkpoint_id: str, record: CommitRecord) -> str:
@@ -380,13 +388,16 @@ def remove_stale_save_dirs(fs: fsspec.AbstractFileSystem, info: CheckpointInfo, 
 
 
 def apply_retention(fs: fsspec.AbstractFileSystem, run_uri: str, keep_last: KeepLast,
-                    keep_every_steps: int | None = None, *, dry_run: bool = False) -> list[int]:
+                    keep_every_steps: int | None = None, *, dry_run: bool = False,
+                    just_committed: int | None = None) -> list[int]:
     """Delete committed checkpoints that the policy does not keep, and leftovers of aborted saves; return the deleted steps.
 
     Kept: the newest ``keep_last`` committed checkpoints (``"all"`` or None keeps every one), every
     step divisible by ``keep_every_steps``, every checkpoint with an unexpired lease, and always the
-    newest committed one. Uncommitted folders and stale save folders are removed only below the
-    newest committed step, because a save in flight writes at or above it. Call after a commit.
+    newest committed one, and ``just_committed``, the step the caller has just committed (a copied
+    folder with a higher step number must not push it out). Uncommitted folders and stale save
+    folders are removed only below the newest committed step, because a save in flight writes at
+    or above it. Call after a commit.
     """
     infos = list_checkpoints(fs, run_uri)
     committed = [info for info in infos if info.committed]
@@ -395,7 +406,8 @@ def apply_retention(fs: fsspec.AbstractFileSystem, run_uri: str, keep_last: Keep
     newest = committed[-1].step
     # NOTE: a lease written after this listing is not seen, so a load that starts during retention
     # can lose its checkpoint; it then fails verification and falls back to an older one.
-    plan = plan_retention([info.step for info in committed], keep_last, keep_every_steps, leased_steps(fs, run_uri))
+    protected = leased_steps(fs, run_uri) | ({just_committed} if just_committed is not None else set())
+    plan = plan_retention([info.step for info in committed], keep_last, keep_every_steps, protected)
     doomed = [info for info in committed if info.step in plan.delete]
     if dry_run:
         return [info.step for info in doomed]

@@ -21,13 +21,15 @@ from service.catalog import (
     CheckpointIntegrityError,
     apply_retention,
     checkpoint_uri,
+    checkpoints_uri,
+    leased_steps,
     list_checkpoints,
     plan_retention,
     read_commit_record,
     save_dir_uri,
     verify_files,
 )
-from service.storage import filesystem, join, write_bytes
+from service.storage import filesystem, is_transient, join, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def prune_run(run_uri: str, storage_options: dict[str, Any], keep_last: int | st
     """Apply retention to a run now; with ``dry_run`` only report what would be deleted."""
     fs = filesystem(run_uri, storage_options)
     committed = [info.step for info in list_checkpoints(fs, run_uri) if info.committed]
-    plan = plan_retention(committed, keep_last, keep_every_steps)
+    plan = plan_retention(committed, keep_last, keep_every_steps, leased_steps(fs, run_uri))
     deleted = apply_retention(fs, run_uri, keep_last, keep_every_steps, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     lines = [f"{verb} steps: {', '.join(map(str, deleted)) or 'none'}"]
@@ -228,6 +230,26 @@ def export_checkpoint(run_uri: str, storage_options: dict[str, Any], output_uri:
 # Command line.
 
 
+def _keep_last(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number of checkpoints or 'all', for example 3")
+    return int(text)
+
+
+def _positive_steps(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number of steps, for example 1000")
+    return int(text)
+
+
+def _output_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is empty: name a new folder, for example ./exported")
+    return text
+
+
 def add_parser(commands: Any, add_config_arguments: Any) -> None:
     """Add ``checkpoints`` and its subcommands to the ``stalwart`` parser."""
     parser = commands.add_parser("checkpoints", help="list, inspect, verify, prune or export a run's checkpoints")
@@ -245,11 +267,12 @@ def add_parser(commands: Any, add_config_arguments: Any) -> None:
     verify = action("verify", help_text="check every file's size and SHA-256 against the commit records")
     verify.add_argument("--step", type=int, help="verify only this step (default: every committed checkpoint)")
     prune = action("prune", help_text="delete checkpoints by the retention policy (default: the config's checkpoint section)")
-    prune.add_argument("--keep-last", help="committed checkpoints to keep, or 'all'")
-    prune.add_argument("--keep-every-steps", type=int, help="also keep every checkpoint whose step is a multiple of this")
+    prune.add_argument("--keep-last", type=_keep_last, help="committed checkpoints to keep, or 'all'")
+    prune.add_argument("--keep-every-steps", type=_positive_steps,
+                       help="also keep every checkpoint whose step is a multiple of this")
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     export = action("export", help_text="write the model weights as safetensors plus config.json")
-    export.add_argument("--output", "-o", required=True, help="output folder, local or s3://")
+    export.add_argument("--output", "-o", required=True, type=_output_folder, help="output folder, local or s3://")
     export.add_argument("--step", type=int, help="step to export (default: the newest committed checkpoint that verifies)")
     export.add_argument("--dtype", choices=EXPORT_DTYPES, help="cast the weights (default: as saved)")
 
@@ -259,7 +282,12 @@ def run_command(args: argparse.Namespace, config: Any, run_uri: str) -> int:
     options = config.storage.options
     try:
         if args.action == "list":
-            lines, status = format_list(list_rows(run_uri, options)), 0
+            rows = list_rows(run_uri, options)
+            if rows:
+                lines, status = format_list(rows), 0
+            else:
+                lines = [f"no checkpoint folders under {checkpoints_uri(run_uri)}; check the run name and storage.uri"]
+                status = 1
         elif args.action == "inspect":
             lines, status = inspect_checkpoint(run_uri, args.step, options), 0
         elif args.action == "verify":
@@ -267,13 +295,21 @@ def run_command(args: argparse.Namespace, config: Any, run_uri: str) -> int:
             status = 0 if sound else 1
         elif args.action == "prune":
             keep_last = args.keep_last if args.keep_last is not None else config.checkpoint.keep_last
-            keep_last = keep_last if keep_last == "all" else int(keep_last)
             keep_every = args.keep_every_steps if args.keep_every_steps is not None else config.checkpoint.keep_every_steps
             lines, status = prune_run(run_uri, options, keep_last, keep_every, args.dry_run), 0
         else:
             lines, status = [f"exported to {export_checkpoint(run_uri, options, args.output, args.step, args.dtype)}"], 0
     except CheckpointIntegrityError as error:
         lines, status = [f"stalwart checkpoints {args.action}: {error}"], 1
+    except Exception as error:
+        # Storage errors: OSError from fsspec, and botocore's own (no credentials, endpoint down) from s3fs.
+        if not (isinstance(error, OSError) or is_transient(error) or type(error).__module__.startswith("botocore")):
+            raise
+        from workers.checkpoint import describe_error  # noqa: PLC0415 (imports torch, needed only here)
+
+        lines = [f"stalwart checkpoints {args.action}: storage request failed for {run_uri}: "
+                 f"{describe_error(error, options)}. Check storage.uri and storage.options, and that the storage is reachable"]
+        status = 1
     for line in lines:
         print(line)
     return status

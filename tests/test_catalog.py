@@ -10,6 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from s3_server import free_port
 from service.catalog import (
     COMMIT_MARKER,
     DCP_METADATA_FILE,
@@ -172,6 +173,7 @@ def test_commit_record_round_trip(fs, run_uri):
         (lambda payload: payload.update(save_dir="../elsewhere"), "invalid save folder"),
         (lambda payload: payload["files"].update({"../escape": {"size_bytes": 1, "sha256": "0"}}), "invalid file name"),
         (lambda payload: payload.pop("step"), "malformed"),
+        (lambda payload: payload.update(step=90), "records step 90, but its folder is for step 100; .* Rename it back"),
     ],
 )
 def test_commit_record_rejects(fs, run_uri, mutate, message):
@@ -365,3 +367,56 @@ def test_prune_command_applies_policy(run_uri, capsys):
     assert "deleted steps: 1, 2, 4, 5" in output
     assert "kept step 6: milestone (keep_every_steps=3)" in output
     assert remaining_names(run_uri) == [checkpoint_dir_name(step) for step in (3, 6, 7, 8)]
+
+
+def test_retention_keeps_just_committed(fs, run_uri):
+    # A copy of step 10 renamed to step-9000 lists as the newest checkpoint.
+    for step in (10, 20):
+        make_checkpoint(run_uri, checkpoint_dir_name(step))
+    copied = make_checkpoint(run_uri, "step-9000")
+    (copied / COMMIT_MARKER).write_text((Path(checkpoints_uri(run_uri)) / checkpoint_dir_name(10) / COMMIT_MARKER).read_text())
+    make_checkpoint(run_uri, checkpoint_dir_name(25))
+
+    deleted = apply_retention(fs, run_uri, keep_last=1, just_committed=25)
+
+    assert deleted == [10, 20]
+    assert remaining_names(run_uri) == [checkpoint_dir_name(25), "step-9000"]
+    with pytest.raises(CheckpointIntegrityError, match="records step 10, but its folder is for step 9000"):
+        read_commit_record(fs, str(copied))
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["prune", "--keep-last", "0"], "argument --keep-last: invalid value '0': expected a positive number of checkpoints or 'all'"),
+    (["prune", "--keep-last", "-1"], "argument --keep-last: invalid value '-1'"),
+    (["prune", "--keep-last", "1.5"], "argument --keep-last: invalid value '1.5'"),
+    (["prune", "--keep-every-steps", "0"], "argument --keep-every-steps: invalid value '0': expected a positive number of steps"),
+    (["export", "-o", ""], "the output folder is empty"),
+])
+def test_checkpoints_bad_arguments_rejected(run_uri, capsys, arguments, message):
+    from service.cli import main
+
+    make_checkpoint(run_uri, checkpoint_dir_name(10))
+    action, *rest = arguments
+    with pytest.raises(SystemExit):
+        main(["checkpoints", action, run_uri, *rest])
+    assert message in capsys.readouterr().err
+    assert remaining_names(run_uri) == [checkpoint_dir_name(10)]
+
+
+def test_checkpoints_unreachable_storage_reported(aws_test_environment, capsys):
+    from service.cli import main
+
+    port = free_port()  # nothing listens there
+    options = f"storage.options={{endpoint_url: 'http://127.0.0.1:{port}', config_kwargs: {{connect_timeout: 1, retries: {{max_attempts: 1}}}}}}"
+
+    assert main(["checkpoints", "list", "s3://bucket/run", "--set", options]) == 1
+    output = capsys.readouterr().out
+    assert "stalwart checkpoints list: storage request failed for s3://bucket/run" in output
+    assert "Check storage.uri and storage.options" in output
+
+
+def test_list_missing_run(run_uri, capsys):
+    from service.cli import main
+
+    assert main(["checkpoints", "list", run_uri]) == 1
+    assert f"no checkpoint folders under {checkpoints_uri(run_uri)}" in capsys.readouterr().out

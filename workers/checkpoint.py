@@ -343,7 +343,8 @@ def _commit(request: SaveRequest, settings: SaveSettings, fs: Any, save_dir_name
         for info in list_checkpoints(fs, request.run_uri):
             if info.step == request.step:
                 remove_stale_save_dirs(fs, info, save_dir_name)
-        deleted = apply_retention(fs, request.run_uri, settings.keep_last, settings.keep_every_steps)
+        deleted = apply_retention(fs, request.run_uri, settings.keep_last, settings.keep_every_steps,
+                                  just_committed=request.step)
     except Exception as error:  # noqa: BLE001 (the checkpoint is committed; a failed cleanup is retried after the next save)
         logger.warning("step=%d retention after the commit failed: %s", request.step, describe_error(error, settings.storage_options))
     return {"committed": True, "duration_s": duration_s, "total_bytes": record.total_bytes, "deleted_steps": deleted}
