@@ -507,7 +507,7 @@ class Config(Section):
 
     @property
     def data_read_retry_s(self) -> float:
-        """How long storage reads of the data and the run's state retry: ``data.read_retry_s`` or half the hang timeout."""
+        """Return how long storage reads of the data and the run's state retry: ``data.read_retry_s`` or half the hang timeout."""
         if self.data.read_retry_s is not None:
             return self.data.read_retry_s
         return self.fault_tolerance.collective_timeout_s / 2
@@ -636,7 +636,16 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 # "token" only as a whole word part (auth_token, session_token), so data.tokenizer stays visible.
-SECRET_KEY_PATTERN = re.compile(r"secret|password|(^|_)token($|_)|credential|key$|key_id$|^key", re.IGNORECASE)
+# "username" is s3fs's other name for the access key id ("key").
+SECRET_KEY_PATTERN = re.compile(r"secret|password|(^|_)token($|_)|credential|key$|key_id$|^key|username",
+                                re.IGNORECASE)
+# The user:password part of a URL such as http://user:password@proxy:3128.
+URL_USERINFO_PATTERN = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """Replace the user and password of every URL in ``text``."""
+    return URL_USERINFO_PATTERN.sub("<redacted>@", text)
 
 
 def redact_secrets(value: Any) -> Any:
@@ -648,4 +657,6 @@ def redact_secrets(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [redact_secrets(item) for item in value]
+    if isinstance(value, str):
+        return redact_url_credentials(value)
     return value

@@ -297,6 +297,22 @@ def test_redact_hides_credentials():
         assert storage["options"]["client_kwargs"][name] == "<redacted>", name
 
 
+def test_redact_hides_username_and_url_credentials():
+    options = {
+        "username": "AKIAEXAMPLE",
+        "password": "wJalrXUtnFEMI",
+        "endpoint_url": "https://minio:wJalrXUtnFEMI@storage.example:9000/",
+        "config_kwargs": {"proxies": {"https": "http://proxyuser:proxypass@proxy.example:3128"}},
+    }
+
+    redacted = redact_secrets({"storage": {"options": options}})["storage"]["options"]
+
+    assert redacted["username"] == "<redacted>"
+    assert redacted["password"] == "<redacted>"
+    assert redacted["endpoint_url"] == "https://<redacted>@storage.example:9000/"
+    assert redacted["config_kwargs"]["proxies"]["https"] == "http://<redacted>@proxy.example:3128"
+
+
 def test_redact_leaves_input_unchanged():
     tree = {"storage": {"options": {"secret": "wJalrXUtnFEMI"}}}
 

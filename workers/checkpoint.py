@@ -58,6 +58,7 @@ from service.catalog import (
     save_dir_uri,
     verify_files,
 )
+from service.config import SECRET_KEY_PATTERN, redact_url_credentials
 from service.storage import filesystem, join, write_bytes
 from workers.checkpoint_io import ManifestWriter, SafeLoadPlanner, VerifiedReader, open_upload
 from workers.collectives import all_gather_json, broadcast_json
@@ -180,13 +181,13 @@ def scrub_secrets(text: str, storage_options: dict[str, Any] | None = None) -> s
         if isinstance(value, dict):
             for child_key, child in value.items():
                 collect(child, str(child_key))
-        elif isinstance(value, str) and any(word in key.lower() for word in ("secret", "token", "key", "password", "credential")):
+        elif isinstance(value, str) and SECRET_KEY_PATTERN.search(key):
             secrets.append(value)
 
     collect(storage_options or {})
     for secret in sorted({item for item in secrets if len(item) >= 4}, key=len, reverse=True):
         text = text.replace(secret, "<redacted>")
-    return text[:MAX_ERROR_CHARS]
+    return redact_url_credentials(text)[:MAX_ERROR_CHARS]
 
 
 def describe_error(error: BaseException, storage_options: dict[str, Any] | None = None) -> str:
