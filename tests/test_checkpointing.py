@@ -33,7 +33,9 @@ from service.checkpoints import verify_run
 from service.catalog import (
     COMMIT_MARKER,
     DCP_METADATA_FILE,
+    CheckpointInfo,
     CheckpointIntegrityError,
+    checkpoint_dir_name,
     checkpoint_uri,
     committed_newest_first,
     list_checkpoints,
@@ -812,3 +814,17 @@ def test_outage_past_budget_stops_run(tmp_path: Path) -> None:
     # Either every attempt failed until 3 s had passed, or one attempt ran longer than 3 s.
     assert "longer than checkpoint.max_outage_s=3" in reports[0]["error"]
     assert reports[0]["error"] == reports[1]["error"]
+
+
+def test_every_checkpoint_damaged_names_fix_first():
+    candidates = [CheckpointInfo(step=step, checkpoint_id=f"/runs/r/checkpoints/{checkpoint_dir_name(step)}", committed=True)
+                  for step in (20, 10)]
+
+    def load(checkpoint_id: str) -> None:
+        raise CheckpointIntegrityError(f"{checkpoint_id}: " + "x" * 3000)
+
+    with pytest.raises(CheckpointIntegrityError) as raised:
+        load_newest_valid(candidates, load, world_rank=0)
+    message = str(raised.value)
+    assert message.startswith("none of the 2 committed checkpoints passed verification. Run `stalwart checkpoints verify`")
+    assert "step 20: /runs/r/checkpoints/step-000000020" in message

@@ -540,8 +540,9 @@ def load_newest_valid(candidates: list[CheckpointInfo], load: Callable[[str], T]
                              log_prefix, info.step, error)
             failures.append(f"step {info.step}: {error}")
     if failures:
+        # The fix comes first: error texts are cut at MAX_ERROR_CHARS on their way to the driver.
         raise CheckpointIntegrityError(
-            f"none of the {len(failures)} committed checkpoints passed verification ({'; '.join(failures)}). "
-            "Run `stalwart checkpoints verify` on the run; delete the damaged checkpoints to start over"
+            f"none of the {len(failures)} committed checkpoints passed verification. Run `stalwart checkpoints verify` "
+            f"on the run, and delete the damaged checkpoints to start over. Reasons: {'; '.join(failures)}"
         )
     return None
