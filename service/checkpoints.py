@@ -208,6 +208,8 @@ def export_checkpoint(run_uri: str, storage_options: dict[str, Any], output_uri:
             tensors, saved = read_model_tensors(fs, info.checkpoint_id, storage_options)
             break
         except CheckpointIntegrityError as error:
+            if step is not None:
+                raise
             logger.error("checkpoint at step %d failed verification, trying an older one: %s", info.step, error)
     else:
         raise CheckpointIntegrityError(f"no committed checkpoint of {run_uri} passed verification; see the errors above")
@@ -244,6 +246,12 @@ def _positive_steps(text: str) -> int:
     return int(text)
 
 
+def _step(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a step number, for example 1000")
+    return int(text)
+
+
 def _output_folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the output folder is empty: name a new folder, for example ./exported")
@@ -263,9 +271,9 @@ def add_parser(commands: Any, add_config_arguments: Any) -> None:
 
     action("list", help_text="one line per checkpoint: step, committed, time, size, loss")
     inspect = action("inspect", help_text="print a checkpoint's commit record, train state and tensors")
-    inspect.add_argument("step", type=int, help="step of the checkpoint")
+    inspect.add_argument("step", type=_step, help="step of the checkpoint")
     verify = action("verify", help_text="check every file's size and SHA-256 against the commit records")
-    verify.add_argument("--step", type=int, help="verify only this step (default: every committed checkpoint)")
+    verify.add_argument("--step", type=_step, help="verify only this step (default: every committed checkpoint)")
     prune = action("prune", help_text="delete checkpoints by the retention policy (default: the config's checkpoint section)")
     prune.add_argument("--keep-last", type=_keep_last, help="committed checkpoints to keep, or 'all'")
     prune.add_argument("--keep-every-steps", type=_positive_steps,
@@ -273,7 +281,7 @@ def add_parser(commands: Any, add_config_arguments: Any) -> None:
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     export = action("export", help_text="write the model weights as safetensors plus config.json")
     export.add_argument("--output", "-o", required=True, type=_output_folder, help="output folder, local or s3://")
-    export.add_argument("--step", type=int, help="step to export (default: the newest committed checkpoint that verifies)")
+    export.add_argument("--step", type=_step, help="step to export (default: the newest committed checkpoint that verifies)")
     export.add_argument("--dtype", choices=EXPORT_DTYPES, help="cast the weights (default: as saved)")
 
 

@@ -6,12 +6,13 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from typing import TextIO
 
 import yaml
 
-from service.config import Config, ConfigError, load_config, redact_secrets
+from service.config import RUN_NAME_PATTERN, Config, ConfigError, load_config, redact_secrets
 
 logger = logging.getLogger("service.cli")
 
@@ -137,12 +138,23 @@ def command_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_report(args: argparse.Namespace) -> int:
-    from service.report import plot_run, summary_lines
+def _run_uri(run: str, config: Config) -> str:
+    """Resolve a RUN argument: a full URI or absolute path as given, or a run name under ``storage.uri``."""
     from service.storage import absolute_uri, join
 
+    if "://" in run or run.startswith("/"):
+        return run
+    if not re.match(RUN_NAME_PATTERN, run):
+        raise ConfigError(f"RUN={run!r} is not a run name (letters, digits, '.', '_' and '-', starting with a letter or "
+                          "digit); pass the run's name, or its full URI such as s3://bucket/prefix/run")
+    return join(absolute_uri(config.storage.uri), run)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from service.report import plot_run, summary_lines
+
     config = _load(args)
-    run_uri = args.run if "://" in args.run or args.run.startswith("/") else join(absolute_uri(config.storage.uri), args.run)
+    run_uri = _run_uri(args.run, config)
     lines = summary_lines(run_uri, config.storage.options)
     for line in lines:
         print(line)
@@ -155,11 +167,9 @@ def command_report(args: argparse.Namespace) -> int:
 
 def command_checkpoints(args: argparse.Namespace) -> int:
     from service.checkpoints import run_command
-    from service.storage import absolute_uri, join
 
     config = _load(args)
-    run_uri = args.run if "://" in args.run or args.run.startswith("/") else join(absolute_uri(config.storage.uri), args.run)
-    return run_command(args, config, run_uri)
+    return run_command(args, config, _run_uri(args.run, config))
 
 
 def command_plan(args: argparse.Namespace) -> int:

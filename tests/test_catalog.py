@@ -391,6 +391,7 @@ def test_retention_keeps_just_committed(fs, run_uri):
     (["prune", "--keep-last", "1.5"], "argument --keep-last: invalid value '1.5'"),
     (["prune", "--keep-every-steps", "0"], "argument --keep-every-steps: invalid value '0': expected a positive number of steps"),
     (["export", "-o", ""], "the output folder is empty"),
+    (["inspect", "-5"], "argument step: invalid value '-5': expected a step number"),
 ])
 def test_checkpoints_bad_arguments_rejected(run_uri, capsys, arguments, message):
     from service.cli import main
@@ -420,3 +421,11 @@ def test_list_missing_run(run_uri, capsys):
 
     assert main(["checkpoints", "list", run_uri]) == 1
     assert f"no checkpoint folders under {checkpoints_uri(run_uri)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("run", ["../other", "", "a b"])
+def test_checkpoints_bad_run_name_rejected(capsys, run):
+    from service.cli import main
+
+    assert main(["checkpoints", "list", run]) == 2
+    assert f"RUN={run!r} is not a run name" in capsys.readouterr().err
