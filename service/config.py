@@ -86,8 +86,8 @@ class DataSection(Section):
     text_field: str = Field("text", description="Field holding the text in JSONL and Parquet records.")
     max_files: PositiveInt | None = Field(None, description="Use at most this many input files (sorted by path); None uses all.")
     read_retry_s: float | None = Field(
-        None, gt=0, description="Seconds a read of the prepared dataset, or of the run's state when an attempt starts, "
-        "may keep failing on a storage error (retried with backoff) before the attempt fails. None: half the hang "
+        None, gt=0, description="Seconds a read of the prepared dataset or of the run's abort marker, or a write of the step "
+        "history, may keep failing on a storage error (retried with backoff) before the attempt fails. None: half the hang "
         "timeout (fault_tolerance.hang_timeout_s, or hang_timeout_floor_s when that is derived).",
     )
 

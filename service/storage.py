@@ -97,8 +97,10 @@ def with_retries(call: Callable[[], T], *, what: str, budget_s: float, setting: 
     """Run ``call``, and retry it after a transient storage error with doubling waits until ``budget_s`` has passed.
 
     The last error is raised once the budget is spent, with a message that names ``setting``.
-    Other errors are raised at once.
+    Other errors, and every error when ``budget_s`` is 0, are raised at once.
     """
+    if budget_s <= 0:
+        return call()
     started = time.monotonic()
     backoff_s = first_backoff_s
     failures = 0

@@ -13,12 +13,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ipaddress
 import subprocess
+import threading
+import time
 import urllib.request
 
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from s3_server import TcpForwarder
 from service.catalog import list_checkpoints
 from service.config import config_from_dict
 from service.driver import run_training, start_metrics, start_ray
@@ -203,3 +206,44 @@ def test_rerun_after_retention_trains_more(clean_run, killed_run, storage):
     resumed = [record["step"] for record in records if record["attempt"] == max(r["attempt"] for r in records)]
     assert summary.steps == STEPS + 5
     assert resumed == list(range(STEPS + 1, STEPS + 6))
+
+
+OUTAGE_S = 15
+
+
+@pytest.mark.s3
+def test_run_pauses_through_storage_outage(ray_cluster, private_s3_server, tmp_path):
+    """Cut the S3 server off for OUTAGE_S seconds after the first commit: the attempt waits and finishes."""
+    forwarder = TcpForwarder(tmp_path / "forwarder.log", target_port=private_s3_server.port)
+    forwarder.start()
+    try:
+        bucket = private_s3_server.create_bucket()
+        tree = tiny_config(f"s3://{bucket}/runs", "outage", checkpoint={"every_steps": 5, "retry_initial_backoff_s": 1})
+        tree["storage"]["options"] = private_s3_server.storage_options(forwarder.port)
+        tree["metrics"]["enabled"] = False
+        config = config_from_dict(tree)
+        direct = filesystem(f"s3://{bucket}", private_s3_server.storage_options())
+        run_uri = f"s3://{bucket}/runs/outage"
+        results: list = []
+        thread = threading.Thread(target=lambda: results.append(run_training(config)), daemon=True)
+        thread.start()
+
+        deadline = time.monotonic() + 300
+        while not any(info.committed for info in list_checkpoints(direct, run_uri)):
+            assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint committed before the outage"
+            time.sleep(0.5)
+            direct.invalidate_cache()
+        forwarder.stop()
+        time.sleep(OUTAGE_S)
+        forwarder.start()
+        thread.join(timeout=600)
+    finally:
+        forwarder.stop()
+
+    assert results, "the run did not finish"
+    summary = results[0]
+    assert summary.steps == STEPS
+    assert summary.restarts == 0, "the outage ended an attempt"
+    records = read_history(run_uri, private_s3_server.storage_options())
+    assert {record["attempt"] for record in records} == {1}
+    assert sorted(final_losses(records)) == list(range(1, STEPS + 1))

@@ -75,8 +75,6 @@ class TokenDataset:
         return np.frombuffer(raw, dtype=self._dtype)
 
     def _retried(self, call: Callable[[], T], what: str) -> T:
-        if self.retry_s <= 0:
-            return call()
         return with_retries(call, what=what, budget_s=self.retry_s, setting="data.read_retry_s")
 
     def _locate(self, index: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from service.storage import filesystem, join, write_bytes
+from service.storage import filesystem, join, with_retries, write_bytes
 from workers.flops import mfu
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,11 @@ class ProgressReporter:
 
     def __init__(self, *, run_name: str, run_uri: str, attempt: int, world_size: int,
                  storage_options: dict[str, Any], metrics_actor: Any | None, total_steps: int,
-                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None):
+                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None,
+                 retry_s: float = 0.0):
+        """``retry_s``: how long a history write retries a storage error (``data.read_retry_s``)."""
         self.run_name = run_name
+        self.retry_s = retry_s
         # MFU needs both; without a peak (CPU, or a GPU not in the table) it is not reported.
         self.flops_per_token = flops_per_token
         self.peak_flops_per_device = peak_flops_per_device
@@ -85,7 +88,9 @@ class ProgressReporter:
 
         payload = "".join(json.dumps(asdict(record)) + "\n" for record in records).encode("utf-8")
         self._part += 1
-        write_bytes(self._fs, join(self._history_uri, f"part-{self._part:06d}.jsonl"), payload)
+        part_uri = join(self._history_uri, f"part-{self._part:06d}.jsonl")
+        with_retries(lambda: write_bytes(self._fs, part_uri, payload), what=f"writing {part_uri}",
+                     budget_s=self.retry_s, setting="data.read_retry_s")
 
         logger.info(
             "run=%s attempt=%d step=%d/%d loss=%.4f lr=%.3e grad_norm=%.3f tokens/s=%.0f%s%s",

@@ -235,7 +235,7 @@ class Trainer:
                 world_size=self.context.world_size, storage_options=self.storage_options,
                 metrics_actor=self.metrics_actor, total_steps=config.train.steps,
                 flops_per_token=training_flops_per_token(model_args(config)),
-                peak_flops_per_device=self.peak_flops_per_device(),
+                peak_flops_per_device=self.peak_flops_per_device(), retry_s=config.data_read_retry_s,
             )
 
     def peak_flops_per_device(self) -> float | None:
