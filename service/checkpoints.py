@@ -29,7 +29,7 @@ from service.catalog import (
     save_dir_uri,
     verify_files,
 )
-from service.storage import filesystem, is_transient, join, write_bytes
+from service.storage import filesystem, is_storage_error, join, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -310,8 +310,7 @@ def run_command(args: argparse.Namespace, config: Any, run_uri: str) -> int:
     except CheckpointIntegrityError as error:
         lines, status = [f"stalwart checkpoints {args.action}: {error}"], 1
     except Exception as error:
-        # Storage errors: OSError from fsspec, and botocore's own (no credentials, endpoint down) from s3fs.
-        if not (isinstance(error, OSError) or is_transient(error) or type(error).__module__.startswith("botocore")):
+        if not is_storage_error(error):
             raise
         from workers.checkpoint import describe_error  # noqa: PLC0415 (imports torch, needed only here)
 

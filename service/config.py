@@ -507,7 +507,10 @@ class Config(Section):
 
     @property
     def data_read_retry_s(self) -> float:
-        """Return how long storage reads of the data and the run's state retry: ``data.read_retry_s`` or half the hang timeout."""
+        """Return the retry budget of the dataset reads and history writes in training, in seconds.
+
+        That is ``data.read_retry_s`` when set, otherwise half the hang timeout.
+        """
         if self.data.read_retry_s is not None:
             return self.data.read_retry_s
         return self.fault_tolerance.collective_timeout_s / 2

@@ -84,19 +84,33 @@ def is_transient(error: BaseException) -> bool:
         return False
     if isinstance(error, OSError):  # includes ConnectionError and TimeoutError
         return True
-    try:  # what s3fs raises when the endpoint is down, before it maps errors to OSError
+    try:
         import aiohttp
         import botocore.exceptions
     except ImportError:
         return False
+    # s3fs passes these on without mapping them to OSError: the endpoint is down or the connection dropped.
     return isinstance(error, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, aiohttp.ClientError))
 
 
-def with_retries(call: Callable[[], T], *, what: str, budget_s: float, setting: str,
-                 first_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> T:
-    """Run ``call``, and retry it after a transient storage error with doubling waits until ``budget_s`` has passed.
+def is_storage_error(error: BaseException) -> bool:
+    """Return whether ``error`` came from a storage request: fsspec's OSError, or a botocore or aiohttp error from s3fs."""
+    if isinstance(error, OSError):
+        return True
+    try:
+        import aiohttp
+        import botocore.exceptions
+    except ImportError:
+        return False
+    return isinstance(error, (botocore.exceptions.BotoCoreError, aiohttp.ClientError))
 
-    The last error is raised once the budget is spent, with a message that names ``setting``.
+
+def with_retries(call: Callable[[], T], *, description: str, budget_s: float, setting: str,
+                 first_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> T:
+    """Run ``call``, retrying transient storage errors with doubling waits for up to ``budget_s`` seconds.
+
+    ``description`` names the request in logs and errors, such as "reading s3://bucket/file". Once
+    the budget is spent, the last error is raised inside an OSError whose message names ``setting``.
     Other errors, and every error when ``budget_s`` is 0, are raised at once.
     """
     if budget_s <= 0:
@@ -113,13 +127,13 @@ def with_retries(call: Callable[[], T], *, what: str, budget_s: float, setting: 
             failures += 1
             waited_s = time.monotonic() - started
             if waited_s + backoff_s > budget_s:
-                raise OSError(f"{what}: storage requests failed for {waited_s:.0f} s ({failures} tries), past "
+                raise OSError(f"{description}: storage requests failed for {waited_s:.0f} s ({failures} tries), past "
                               f"{setting}={budget_s:g}; check that the storage is reachable, or raise {setting}. "
                               f"Last error: {type(error).__name__}: {error}") from error
-            logger.warning("%s failed (%s: %s); retry %d in %.0f s", what, type(error).__name__, error, failures, backoff_s)
+            logger.warning("%s failed (%s: %s); retry %d in %.0f s", description, type(error).__name__, error, failures, backoff_s)
             time.sleep(backoff_s)
             backoff_s = min(max_backoff_s, backoff_s * 2)
         else:
             if failures:
-                logger.warning("%s succeeded after %d failed tries in %.0f s", what, failures, time.monotonic() - started)
+                logger.warning("%s succeeded after %d failed tries in %.0f s", description, failures, time.monotonic() - started)
             return result

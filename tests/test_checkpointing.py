@@ -816,7 +816,7 @@ def test_outage_past_budget_stops_run(tmp_path: Path) -> None:
     assert reports[0]["error"] == reports[1]["error"]
 
 
-def test_every_checkpoint_damaged_names_fix_first():
+def test_all_damaged_error_names_fix():
     candidates = [CheckpointInfo(step=step, checkpoint_id=f"/runs/r/checkpoints/{checkpoint_dir_name(step)}", committed=True)
                   for step in (20, 10)]
 

@@ -331,7 +331,7 @@ def test_samples_outage_past_budget_fails(dataset_behind_forwarder):
         dataset.sample(0)
 
 
-def test_only_transient_storage_errors_are_retried():
+def test_retries_only_transient_errors():
     calls: list[int] = []
 
     def missing() -> bytes:
@@ -339,7 +339,7 @@ def test_only_transient_storage_errors_are_retried():
         raise FileNotFoundError("s3://bucket/storage/shard-00000.bin")
 
     with pytest.raises(FileNotFoundError):
-        with_retries(missing, what="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01)
+        with_retries(missing, description="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01)
     assert len(calls) == 1, "a missing file was retried"
 
     outcomes: list[Exception | bytes] = [ConnectionResetError("reset by peer"), TimeoutError("timed out"), b"tokens"]
@@ -350,5 +350,5 @@ def test_only_transient_storage_errors_are_retried():
             raise outcome
         return outcome
 
-    assert with_retries(flaky, what="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01) == b"tokens"
+    assert with_retries(flaky, description="reading a shard", budget_s=60, setting="data.read_retry_s", first_backoff_s=0.01) == b"tokens"
     assert outcomes == []

@@ -74,8 +74,8 @@ class TokenDataset:
                             f"reading {uri}")
         return np.frombuffer(raw, dtype=self._dtype)
 
-    def _retried(self, call: Callable[[], T], what: str) -> T:
-        return with_retries(call, what=what, budget_s=self.retry_s, setting="data.read_retry_s")
+    def _retried(self, call: Callable[[], T], description: str) -> T:
+        return with_retries(call, description=description, budget_s=self.retry_s, setting="data.read_retry_s")
 
     def _locate(self, index: int) -> tuple[int, int]:
         """Return (shard, first token) of global sample ``index``."""

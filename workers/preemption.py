@@ -162,10 +162,10 @@ def request_drain(node_id: str, gcs_address: str, deadline_s: float, message: st
 
 
 def _drain_best_effort(raylet: Raylet, grace_s: float) -> None:
-    """Request the drain on a daemon thread and wait for it at most DRAIN_TIMEOUT_S or half of ``grace_s``; log a failure.
+    """Request the drain on a daemon thread, wait for it for a limited time, and log a failure.
 
-    The cap on half the grace leaves the workers the other half to save and exit when the GCS
-    does not answer.
+    The wait is at most DRAIN_TIMEOUT_S or half of ``grace_s``, whichever is shorter, so the
+    workers keep at least half the grace to save and exit when the GCS does not respond.
     """
     errors: list[BaseException] = []
 

@@ -89,7 +89,7 @@ class ProgressReporter:
         payload = "".join(json.dumps(asdict(record)) + "\n" for record in records).encode("utf-8")
         self._part += 1
         part_uri = join(self._history_uri, f"part-{self._part:06d}.jsonl")
-        with_retries(lambda: write_bytes(self._fs, part_uri, payload), what=f"writing {part_uri}",
+        with_retries(lambda: write_bytes(self._fs, part_uri, payload), description=f"writing {part_uri}",
                      budget_s=self.retry_s, setting="data.read_retry_s")
 
         logger.info(

@@ -265,7 +265,7 @@ class Trainer:
 
     def refuse_if_aborted(self) -> None:
         marker = join(self.run_uri, ABORT_FILE)
-        if with_retries(lambda: self.fs.exists(marker), what=f"checking {marker}", budget_s=self.config.data_read_retry_s,
+        if with_retries(lambda: self.fs.exists(marker), description=f"checking {marker}", budget_s=self.config.data_read_retry_s,
                         setting="data.read_retry_s"):
             reason = read_json(self.fs, marker).get("reason", "")
             raise SpikeAbort(f"run {self.config.run.name} was aborted earlier: {reason}. Delete {marker} to resume it")
